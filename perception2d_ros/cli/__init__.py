@@ -1,0 +1,1 @@
+"""The ``perception2d`` command line."""

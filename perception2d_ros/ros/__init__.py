@@ -1,0 +1,1 @@
+"""Thin ROS 2 layer: nodes, message conversions, QoS, parameters."""

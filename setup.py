@@ -1,0 +1,34 @@
+"""ament_python setup for perception2d (works with colcon and with plain pip)."""
+from glob import glob
+
+from setuptools import find_packages, setup
+
+PACKAGE = "perception2d"
+
+setup(
+    name=PACKAGE,
+    version="0.1.0",  # keep equal to package.xml
+    packages=find_packages(include=["perception2d_ros", "perception2d_ros.*"]),
+    data_files=[
+        ("share/ament_index/resource_index/packages", [f"resource/{PACKAGE}"]),
+        (f"share/{PACKAGE}", ["package.xml"]),
+        (f"share/{PACKAGE}/launch", glob("launch/*.py")),
+        (f"share/{PACKAGE}/config", glob("config/*.yaml")),
+        (f"share/{PACKAGE}/models", glob("models/*.yaml") + glob("models/*.onnx")
+         + glob("models/*.txt") + glob("models/*.gz")),
+    ],
+    install_requires=["setuptools"],
+    zip_safe=True,
+    maintainer="perception2d developers",
+    maintainer_email="dev@perception2d.invalid",
+    description="Real-time 2D perception for ROS 2",
+    license="Apache-2.0",
+    entry_points={
+        "console_scripts": [
+            "perception2d = perception2d_ros.cli.main:main",
+            "rectify_node = perception2d_ros.ros.rectify_node:main",
+            "detector_node = perception2d_ros.ros.detector_node:main",
+            "pipeline_node = perception2d_ros.ros.pipeline_node:main",
+        ],
+    },
+)
