@@ -1,0 +1,593 @@
+"""Inference engines: one interface, several backends, the same outputs whatever runs below.
+
+Backends
+--------
+``tensorrt``  native TensorRT 10/11 (named-tensor API), engines built from ONNX and cached
+              under a key of ONNX sha256 + precision + input shapes + TensorRT version + GPU.
+``onnxruntime`` ONNX Runtime with providers [TensorRT EP, CUDA EP, CPU] as available.
+``torch``     a ``torch.nn.Module`` (CUDA or CPU), CUDA graphs for fixed shapes on GPU.
+
+``create_engine(..., backend="auto")`` picks the best available and logs why; an explicit
+backend that is not available raises :class:`BackendUnavailable` at configure time.
+
+Every engine exposes ``inputs`` / ``outputs`` (:class:`TensorSpec`) and
+``infer(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]``; feeds are validated
+against the declared signature (names, rank, fixed dims, dtype) with a clear error.
+Heavy modules (onnxruntime, tensorrt, torch) are imported lazily.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+LOG = logging.getLogger("perception2d.engines")
+
+BACKENDS = ("tensorrt", "onnxruntime", "torch")
+
+_ORT_TYPES = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(double)": np.float64,
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+    "tensor(uint8)": np.uint8,
+    "tensor(int8)": np.int8,
+    "tensor(bool)": np.bool_,
+}
+
+
+class EngineError(RuntimeError):
+    """An engine could not be created or run."""
+
+
+class BackendUnavailable(EngineError):
+    """The requested backend cannot run on this machine (module or device missing)."""
+
+
+class SignatureError(ValueError):
+    """Inputs do not match the model's declared signature."""
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A named tensor of a model signature. ``shape`` entries are ints (fixed) or
+    ``None``/str (dynamic)."""
+
+    name: str
+    shape: tuple[int | str | None, ...]
+    dtype: np.dtype
+
+    def check(self, array: np.ndarray, role: str = "input") -> None:
+        if array.ndim != len(self.shape):
+            raise SignatureError(
+                f"{role} '{self.name}': expected rank {len(self.shape)} {self.shape_str}, "
+                f"got shape {tuple(array.shape)}"
+            )
+        for axis, (want, got) in enumerate(zip(self.shape, array.shape)):
+            if isinstance(want, int) and want >= 0 and want != got:
+                raise SignatureError(
+                    f"{role} '{self.name}': dim {axis} must be {want} {self.shape_str}, "
+                    f"got shape {tuple(array.shape)}"
+                )
+        if np.dtype(array.dtype) != np.dtype(self.dtype):
+            raise SignatureError(
+                f"{role} '{self.name}': expected dtype {np.dtype(self.dtype).name}, "
+                f"got {np.dtype(array.dtype).name}"
+            )
+
+    @property
+    def shape_str(self) -> str:
+        return "[" + ",".join("?" if not isinstance(d, int) or d < 0 else str(d)
+                              for d in self.shape) + "]"
+
+
+class Engine:
+    """Base class. Subclasses set ``backend``, ``device``, ``inputs``, ``outputs`` and implement
+    ``_run``."""
+
+    backend: str = "?"
+    device: str = "cpu"
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+
+    def validate(self, feeds: Mapping[str, np.ndarray]) -> None:
+        names = {s.name for s in self.inputs}
+        missing = names - set(feeds)
+        extra = set(feeds) - names
+        if missing or extra:
+            raise SignatureError(
+                f"model inputs are {sorted(names)}; missing {sorted(missing)}, "
+                f"unexpected {sorted(extra)}"
+            )
+        for spec in self.inputs:
+            spec.check(np.asarray(feeds[spec.name]))
+
+    def infer(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run the model. ``feeds`` maps input names to arrays; returns output name → array."""
+        self.validate(feeds)
+        return self._run(feeds)
+
+    def _run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        ins = ", ".join(f"{s.name}{s.shape_str}:{np.dtype(s.dtype).name}" for s in self.inputs)
+        outs = ", ".join(f"{s.name}{s.shape_str}" for s in self.outputs)
+        return f"{self.backend}({self.device}) in: {ins} out: {outs}"
+
+    def close(self) -> None:
+        """Free backend resources (GPU memory). Safe to call twice."""
+
+
+# --------------------------------------------------------------------------- ONNX Runtime
+class OrtEngine(Engine):
+    """ONNX Runtime session. ``providers`` defaults to the best available of
+    [TensorrtExecutionProvider, CUDAExecutionProvider, CPUExecutionProvider]."""
+
+    backend = "onnxruntime"
+
+    def __init__(
+        self,
+        onnx_path: str | Path,
+        *,
+        providers: Sequence[str] | None = None,
+        threads: int | None = None,
+        cache_dir: str | Path | None = None,
+        precision: str = "fp32",
+        device: str = "auto",
+    ) -> None:
+        try:
+            import onnxruntime as ort
+        except ImportError as exc:  # pragma: no cover - onnxruntime is a runtime dependency
+            raise BackendUnavailable(f"onnxruntime is not installed: {exc}") from exc
+        self.path = Path(onnx_path)
+        if not self.path.is_file():
+            raise EngineError(f"model file not found: {self.path}")
+        available = ort.get_available_providers()
+        if providers is None:
+            wanted = ["CPUExecutionProvider"] if device == "cpu" else [
+                "TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+            providers = [p for p in wanted if p in available]
+        else:
+            unknown = [p for p in providers if p not in available]
+            if unknown:
+                raise BackendUnavailable(
+                    f"onnxruntime providers {unknown} not available here (have {available})")
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        n_threads = threads if threads else max(1, min(os.cpu_count() or 1, 8))
+        opts.intra_op_num_threads = n_threads
+        opts.inter_op_num_threads = 1
+        # Spinning threads burn a core between frames for no speed gain here (measured).
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        provider_args: list[Any] = []
+        for p in providers:
+            if p == "TensorrtExecutionProvider":
+                cache = Path(cache_dir or default_cache_dir()) / "ort_trt"
+                cache.mkdir(parents=True, exist_ok=True)
+                provider_args.append((p, {
+                    "trt_engine_cache_enable": True,
+                    "trt_engine_cache_path": str(cache),
+                    "trt_timing_cache_enable": True,
+                    "trt_fp16_enable": precision == "fp16",
+                    "trt_int8_enable": precision == "int8",
+                }))
+            else:
+                provider_args.append(p)
+        try:
+            self.session = ort.InferenceSession(str(self.path), sess_options=opts,
+                                                providers=provider_args)
+        except Exception as exc:  # onnxruntime raises its own exception types
+            raise EngineError(f"onnxruntime could not load {self.path}: {exc}") from exc
+        self.providers = self.session.get_providers()
+        self.device = "cuda" if self.providers[0] != "CPUExecutionProvider" else "cpu"
+        self.inputs = [TensorSpec(i.name, tuple(_ort_dim(d) for d in i.shape),
+                                  np.dtype(_ORT_TYPES.get(i.type, np.float32)))
+                       for i in self.session.get_inputs()]
+        self.outputs = [TensorSpec(o.name, tuple(_ort_dim(d) for d in o.shape),
+                                   np.dtype(_ORT_TYPES.get(o.type, np.float32)))
+                        for o in self.session.get_outputs()]
+        self._output_names = [o.name for o in self.outputs]
+        self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)
+
+    def _run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        values = self.session.run(self._output_names, dict(feeds))
+        return dict(zip(self._output_names, values))
+
+    def close(self) -> None:
+        self.session = None  # type: ignore[assignment]
+
+
+def _ort_dim(d: Any) -> int | str | None:
+    return d if isinstance(d, int) else (d if isinstance(d, str) else None)
+
+
+# --------------------------------------------------------------------------- TensorRT
+def tensorrt_available() -> tuple[bool, str]:
+    """(available, reason). Never raises."""
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        return False, "python module 'tensorrt' is not installed"
+    ok, why = cuda_available()
+    if not ok:
+        return False, why
+    return True, "tensorrt + CUDA GPU found"
+
+
+def cuda_available() -> tuple[bool, str]:
+    """Whether a CUDA device can be used from python (via torch), with the reason."""
+    try:
+        import torch
+    except ImportError:
+        return False, "no CUDA runtime for python (torch not installed)"
+    if not torch.cuda.is_available():
+        return False, "no CUDA GPU visible"
+    return True, f"CUDA GPU {torch.cuda.get_device_name(0)}"
+
+
+def onnx_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def engine_cache_key(onnx_hash: str, precision: str,
+                     input_shapes: Mapping[str, Sequence[Sequence[int]]],
+                     trt_version: str, gpu_name: str, compute_capability: str) -> str:
+    """Key of a cached TensorRT engine: everything that makes an engine invalid when it
+    changes. ``input_shapes`` maps input name → (min, opt, max) shapes."""
+    shapes = ";".join(f"{n}={'/'.join('x'.join(map(str, s)) for s in v)}"
+                      for n, v in sorted(input_shapes.items()))
+    text = "|".join([onnx_hash, precision, shapes, trt_version, gpu_name, compute_capability])
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("PERCEPTION2D_CACHE_DIR",
+                               Path.home() / ".cache" / "perception2d"))
+
+
+class TensorRTEngine(Engine):  # exercised only where tensorrt + a GPU exist
+    """Native TensorRT engine (TensorRT 10/11 named-tensor API) with device buffers from torch.
+
+    ``profiles`` maps each dynamic input to (min, opt, max) shapes. The engine is loaded from
+    the cache when the key matches; built otherwise (a loud log line first); never rebuilt
+    when the key matches unless ``rebuild=True``.
+    """
+
+    backend = "tensorrt"
+    device = "cuda"
+
+    def __init__(self, onnx_path: str | Path, *, precision: str = "fp16",
+                 profiles: Mapping[str, Sequence[Sequence[int]]] | None = None,
+                 cache_dir: str | Path | None = None, workspace_mb: int = 2048,
+                 rebuild: bool = False, int8_calibration_cache: str | Path | None = None,
+                 progress: Callable[[str], None] | None = None) -> None:
+        ok, why = tensorrt_available()
+        if not ok:
+            raise BackendUnavailable(f"tensorrt backend unavailable: {why}")
+        import tensorrt as trt
+        import torch
+
+        self._trt = trt
+        self._torch = torch
+        self.onnx_path = Path(onnx_path)
+        self.precision = precision
+        self.logger = trt.Logger(trt.Logger.WARNING)
+        props = torch.cuda.get_device_properties(0)
+        self.profiles = {k: [tuple(s) for s in v] for k, v in (profiles or {}).items()}
+        key = engine_cache_key(onnx_sha256(self.onnx_path), precision, self.profiles,
+                               trt.__version__, props.name, f"{props.major}.{props.minor}")
+        cache = Path(cache_dir or default_cache_dir()) / "trt"
+        cache.mkdir(parents=True, exist_ok=True)
+        self.engine_path = cache / f"{self.onnx_path.stem}-{precision}-{key}.engine"
+        if self.engine_path.is_file() and not rebuild:
+            LOG.info("loading cached TensorRT engine %s", self.engine_path)
+            data = self.engine_path.read_bytes()
+        else:
+            LOG.warning("BUILDING TensorRT engine for %s (%s) — this can take minutes; "
+                        "prebuild with `perception2d models build`", self.onnx_path, precision)
+            data = self._build(workspace_mb, int8_calibration_cache, progress)
+            tmp = self.engine_path.with_suffix(".tmp")
+            tmp.write_bytes(data)
+            tmp.replace(self.engine_path)
+        runtime = trt.Runtime(self.logger)
+        self.engine = runtime.deserialize_cuda_engine(data)
+        if self.engine is None:
+            raise EngineError(f"TensorRT could not deserialize {self.engine_path}")
+        self.context = self.engine.create_execution_context()
+        self.stream = torch.cuda.Stream()
+        self.inputs, self.outputs = [], []
+        for i in range(self.engine.num_io_tensors):
+            name = self.engine.get_tensor_name(i)
+            spec = TensorSpec(name, tuple(int(d) for d in self.engine.get_tensor_shape(name)),
+                              np.dtype(trt.nptype(self.engine.get_tensor_dtype(name))))
+            if self.engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT:
+                self.inputs.append(spec)
+            else:
+                self.outputs.append(spec)
+
+    def _build(self, workspace_mb: int, calib_cache: str | Path | None,
+               progress: Callable[[str], None] | None) -> bytes:
+        trt = self._trt
+        builder = trt.Builder(self.logger)
+        network = builder.create_network(0)
+        parser = trt.OnnxParser(network, self.logger)
+        if not parser.parse_from_file(str(self.onnx_path)):
+            errs = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+            raise EngineError(f"TensorRT could not parse {self.onnx_path}: {errs}")
+        config = builder.create_builder_config()
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_mb << 20)
+        if self.precision in ("fp16", "int8") and builder.platform_has_fast_fp16:
+            config.set_flag(trt.BuilderFlag.FP16)
+        if self.precision == "int8":
+            if not calib_cache or not Path(calib_cache).is_file():
+                raise EngineError("int8 needs a calibration cache file (int8_calibration_cache)")
+            config.set_flag(trt.BuilderFlag.INT8)
+            config.int8_calibrator = _CacheOnlyCalibrator(trt, Path(calib_cache))
+        if self.profiles:
+            profile = builder.create_optimization_profile()
+            for name, (mn, opt, mx) in self.profiles.items():
+                profile.set_shape(name, mn, opt, mx)
+            config.add_optimization_profile(profile)
+        if progress is not None and hasattr(trt, "IProgressMonitor"):
+            config.progress_monitor = _ProgressMonitor(trt, progress)
+        t0 = time.monotonic()
+        blob = builder.build_serialized_network(network, config)
+        if blob is None:
+            raise EngineError(f"TensorRT engine build failed for {self.onnx_path}")
+        LOG.warning("TensorRT engine built in %.1f s", time.monotonic() - t0)
+        return bytes(blob)
+
+    def _run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        torch = self._torch
+        with torch.cuda.stream(self.stream):
+            keep = []
+            for spec in self.inputs:
+                t = torch.as_tensor(np.ascontiguousarray(feeds[spec.name])).cuda(non_blocking=True)
+                keep.append(t)
+                self.context.set_input_shape(spec.name, tuple(t.shape))
+                self.context.set_tensor_address(spec.name, t.data_ptr())
+            outs = {}
+            for spec in self.outputs:
+                shape = tuple(self.context.get_tensor_shape(spec.name))
+                t = torch.empty(shape, dtype=_torch_dtype(torch, spec.dtype), device="cuda")
+                outs[spec.name] = t
+                self.context.set_tensor_address(spec.name, t.data_ptr())
+            if not self.context.execute_async_v3(self.stream.cuda_stream):
+                raise EngineError("TensorRT execution failed")
+        self.stream.synchronize()
+        return {k: v.cpu().numpy() for k, v in outs.items()}
+
+    def close(self) -> None:
+        self.context = None
+        self.engine = None
+
+
+def _torch_dtype(torch: Any, dtype: np.dtype) -> Any:
+    return {np.dtype(np.float32): torch.float32, np.dtype(np.float16): torch.float16,
+            np.dtype(np.int64): torch.int64, np.dtype(np.int32): torch.int32,
+            np.dtype(np.uint8): torch.uint8, np.dtype(np.bool_): torch.bool}[np.dtype(dtype)]
+
+
+def _ProgressMonitor(trt: Any, report: Callable[[str], None]) -> Any:  # noqa: N802
+    class Monitor(trt.IProgressMonitor):  # type: ignore[misc, name-defined]
+        def __init__(self) -> None:
+            trt.IProgressMonitor.__init__(self)
+
+        def phase_start(self, parent_phase, phase_name, num_steps):  # noqa: ANN001
+            report(f"{phase_name} (0/{num_steps})")
+
+        def step_complete(self, phase_name, step):  # noqa: ANN001
+            report(f"{phase_name} step {step}")
+            return True
+
+        def phase_finish(self, phase_name):  # noqa: ANN001
+            report(f"{phase_name} done")
+
+    return Monitor()
+
+
+def _CacheOnlyCalibrator(trt: Any, cache: Path) -> Any:  # noqa: N802
+    class Calibrator(trt.IInt8EntropyCalibrator2):  # type: ignore[misc, name-defined]
+        def __init__(self) -> None:
+            trt.IInt8EntropyCalibrator2.__init__(self)
+
+        def get_batch_size(self) -> int:
+            return 1
+
+        def get_batch(self, names):  # noqa: ANN001
+            return None
+
+        def read_calibration_cache(self) -> bytes:
+            return cache.read_bytes()
+
+        def write_calibration_cache(self, data) -> None:  # noqa: ANN001
+            cache.write_bytes(bytes(data))
+
+    return Calibrator()
+
+
+# --------------------------------------------------------------------------- torch
+class TorchEngine(Engine):
+    """A ``torch.nn.Module`` behind the engine interface.
+
+    ``input_specs`` / ``output_names`` declare the signature (torch modules have none).
+    On CUDA, ``precision='fp16'`` casts the module to half and ``cuda_graph=True`` captures
+    one CUDA graph per input shape (fixed-shape inputs, the real-time case)."""
+
+    backend = "torch"
+
+    def __init__(self, module: Any, input_specs: Sequence[TensorSpec],
+                 output_names: Sequence[str], *, device: str = "auto",
+                 precision: str = "fp32", cuda_graph: bool = False) -> None:
+        try:
+            import torch
+        except ImportError as exc:
+            raise BackendUnavailable("torch backend unavailable: torch is not installed") from exc
+        self._torch = torch
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise BackendUnavailable("torch backend on 'cuda' requested but no CUDA GPU visible")
+        self.device = device
+        self.half = precision == "fp16" and device.startswith("cuda")
+        self.module = module.eval().to(device)
+        if self.half:
+            self.module = self.module.half()
+        self.inputs = list(input_specs)
+        self.outputs = [TensorSpec(n, (), np.dtype(np.float32)) for n in output_names]
+        self._output_names = list(output_names)
+        self.cuda_graph = cuda_graph and device.startswith("cuda")
+        self._graphs: dict[tuple, tuple[Any, list[Any], list[Any]]] = {}
+
+    def _to_device(self, arr: np.ndarray) -> Any:
+        t = self._torch.from_numpy(np.ascontiguousarray(arr)).to(self.device, non_blocking=True)
+        if self.half and t.is_floating_point():
+            t = t.half()
+        return t
+
+    def _forward(self, tensors: list[Any]) -> list[Any]:
+        out = self.module(*tensors)
+        if isinstance(out, dict):
+            return [out[n] for n in self._output_names]
+        if not isinstance(out, (tuple, list)):
+            out = [out]
+        return list(out)
+
+    def _run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        torch = self._torch
+        with torch.inference_mode():
+            tensors = [self._to_device(feeds[s.name]) for s in self.inputs]
+            if not self.cuda_graph:
+                outs = self._forward(tensors)
+            else:
+                key = tuple(tuple(t.shape) for t in tensors)
+                if key not in self._graphs:
+                    static_in = [t.clone() for t in tensors]
+                    side = torch.cuda.Stream()
+                    side.wait_stream(torch.cuda.current_stream())
+                    with torch.cuda.stream(side):
+                        for _ in range(3):  # warm up before capture
+                            self._forward(static_in)
+                    torch.cuda.current_stream().wait_stream(side)
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph):
+                        static_out = self._forward(static_in)
+                    self._graphs[key] = (graph, static_in, static_out)
+                graph, static_in, static_out = self._graphs[key]
+                for dst, src in zip(static_in, tensors):
+                    dst.copy_(src)
+                graph.replay()
+                outs = static_out
+            return {n: o.float().cpu().numpy() for n, o in zip(self._output_names, outs)}
+
+    def close(self) -> None:
+        self._graphs.clear()
+        self.module = None
+        if self.device.startswith("cuda"):
+            self._torch.cuda.empty_cache()
+
+
+# --------------------------------------------------------------------------- selection
+def available_backends() -> dict[str, tuple[bool, str]]:
+    """backend → (available, reason), in preference order."""
+    result: dict[str, tuple[bool, str]] = {"tensorrt": tensorrt_available()}
+    try:
+        import onnxruntime as ort
+        provs = ort.get_available_providers()
+        result["onnxruntime"] = (True, f"providers {provs}")
+    except ImportError:
+        result["onnxruntime"] = (False, "onnxruntime not installed")
+    try:
+        import importlib.util
+        has_torch = importlib.util.find_spec("torch") is not None
+    except (ImportError, ValueError):
+        has_torch = False
+    result["torch"] = (has_torch, "torch installed" if has_torch else "torch not installed")
+    return result
+
+
+@dataclass
+class EngineConfig:
+    """What a stage asks for. ``backend``: auto|tensorrt|onnxruntime|torch."""
+
+    backend: str = "auto"
+    device: str = "auto"          # auto|cpu|cuda
+    precision: str = "fp32"       # fp32|fp16|int8 (GPU backends)
+    threads: int | None = None    # CPU threads for onnxruntime
+    cache_dir: str | None = None
+    fallback: bool = True         # on build/load failure fall back to the next backend
+    profiles: dict[str, list[list[int]]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.backend not in ("auto",) + BACKENDS:
+            raise ValueError(f"backend must be one of auto, {', '.join(BACKENDS)}; "
+                             f"got '{self.backend}'")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device must be auto, cpu or cuda; got '{self.device}'")
+        if self.precision not in ("fp32", "fp16", "int8"):
+            raise ValueError(f"precision must be fp32, fp16 or int8; got '{self.precision}'")
+
+
+def create_engine(onnx_path: str | Path, config: EngineConfig | None = None, *,
+                  torch_factory: Callable[[], Engine] | None = None) -> Engine:
+    """Create the engine for ``onnx_path`` according to ``config``.
+
+    ``auto`` tries TensorRT (GPU), then ONNX Runtime (its best provider), then torch (if a
+    ``torch_factory`` is given), logging why each was chosen or skipped. An explicit backend
+    that is unavailable raises :class:`BackendUnavailable`. With ``fallback`` a failure of a
+    chosen GPU backend (build error, out of memory) falls back to the next one with a warning.
+    """
+    cfg = config or EngineConfig()
+    avail = available_backends()
+    if cfg.device == "cpu":
+        avail["tensorrt"] = (False, "device=cpu requested")
+    if cfg.backend != "auto":
+        ok, why = avail[cfg.backend]
+        if cfg.backend == "torch" and torch_factory is None:
+            ok, why = False, "this model has no torch module (ONNX only)"
+        if not ok:
+            raise BackendUnavailable(f"backend '{cfg.backend}' is not available: {why}")
+        order = [cfg.backend] + ([b for b in BACKENDS if b != cfg.backend] if cfg.fallback else [])
+    else:
+        order = list(BACKENDS)
+    errors = []
+    for name in order:
+        ok, why = avail[name]
+        if name == "torch" and torch_factory is None:
+            ok, why = False, "no torch module for this model"
+        if not ok:
+            LOG.debug("backend %s skipped: %s", name, why)
+            errors.append(f"{name}: {why}")
+            continue
+        try:
+            if name == "tensorrt":
+                engine: Engine = TensorRTEngine(onnx_path, precision=cfg.precision,
+                                                profiles=cfg.profiles, cache_dir=cfg.cache_dir)
+            elif name == "onnxruntime":
+                engine = OrtEngine(onnx_path, threads=cfg.threads, cache_dir=cfg.cache_dir,
+                                   precision=cfg.precision, device=cfg.device)
+            else:
+                assert torch_factory is not None
+                engine = torch_factory()
+        except EngineError as exc:
+            if not cfg.fallback or name == order[-1]:
+                raise
+            LOG.warning("backend %s failed (%s); falling back", name, exc)
+            errors.append(f"{name}: {exc}")
+            continue
+        LOG.info("engine: %s chosen (%s)%s", name, why,
+                 f"; skipped {'; '.join(errors)}" if errors else "")
+        return engine
+    raise BackendUnavailable("no backend could run this model: " + "; ".join(errors))
