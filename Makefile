@@ -1,0 +1,53 @@
+# perception2d — pip-only setup (no ROS install, no GPU needed).
+#   make test   create .venv, install ROS 2 Kilted wheels + deps, build messages, run tests
+#   make demo   same setup, then the main job on the embedded default data
+# Re-running is fast: each step is stamped and only redone when its inputs change.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+BAG ?=
+STAMPS := $(VENV)/.stamps
+PIP_FILTER := grep -v -e "is ignored: it is neither a file nor a directory" || true
+
+.PHONY: all setup test demo msgs clean bench lint
+
+all: setup
+
+setup: $(STAMPS)/package
+
+$(STAMPS)/venv:
+	@echo "==> [1/4] creating $(VENV) with $$($(PYTHON) --version)"
+	$(PYTHON) -m venv $(VENV)
+	@mkdir -p $(STAMPS) && touch $@
+
+$(STAMPS)/deps: $(STAMPS)/venv requirements/runtime.txt requirements/build.txt requirements/test.txt requirements/nodeps.txt
+	@echo "==> [2/4] installing ROS 2 Kilted wheels, runtime, build and test dependencies (first run: a few minutes)"
+	@set -o pipefail; $(PIP) install --progress-bar off -r requirements/runtime.txt -r requirements/build.txt -r requirements/test.txt 2>&1 | $(PIP_FILTER)
+	@set -o pipefail; $(PIP) install --progress-bar off --no-deps --no-build-isolation -r requirements/nodeps.txt 2>&1 | $(PIP_FILTER)
+	@touch $@
+
+$(STAMPS)/msgs: $(STAMPS)/deps $(wildcard interfaces/*/msg/*.msg interfaces/*/CMakeLists.txt) scripts/build_interfaces.sh
+	@echo "==> [3/4] building interface packages (vision_msgs where absent, perception2d_interfaces)"
+	bash scripts/build_interfaces.sh $(VENV)
+	@touch $@
+
+$(STAMPS)/package: $(STAMPS)/msgs setup.py
+	@echo "==> [4/4] installing perception2d (editable)"
+	@set -o pipefail; $(PIP) install --progress-bar off --no-deps --no-build-isolation -e . 2>&1 | $(PIP_FILTER)
+	@touch $@
+
+msgs: $(STAMPS)/msgs
+
+test: setup
+	bash scripts/run_tests.sh $(PYTEST_ARGS)
+
+demo: setup
+	bash scripts/run_with_ros_env.sh $(PY) -m perception2d_ros.demo $(if $(BAG),--bag $(BAG),)
+
+bench: setup
+	bash scripts/run_with_ros_env.sh $(PY) -m perception2d_ros.cli.main bench all
+
+clean:
+	rm -rf build $(VENV) demo_output .pytest_cache

@@ -1,0 +1,761 @@
+"""ROS-free rosbag2 reading and writing on top of ``rosbags`` (MCAP by default, sqlite3 optional).
+
+Everything here works without a ROS installation: messages are (de)serialised with the
+``rosbags`` ROS2_KILTED typestore, optionally extended with project message types parsed from
+``.msg`` files (:func:`register_msg_dir`).
+
+Output layout (:class:`BagWriter`):
+
+* ``OUT`` ending in ``.mcap`` / ``.db3`` -> one bare storage file (``ros2 bag play OUT.mcap``,
+  Foxglove and ``mcap_ros2`` read it directly);
+* any other ``OUT`` -> a rosbag2 directory ``OUT/`` with ``metadata.yaml`` and
+  ``OUT/<name>.mcap`` (or ``.db3``), the layout ``ros2 bag record`` produces.
+
+Writing is atomic: data goes to a hidden sibling directory and is moved into place on a
+successful :meth:`BagWriter.close`; an exception inside the ``with`` block discards it.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rosbags.interfaces import (
+    ConnectionExtRosbag2,
+    MessageDefinitionFormat,
+    Qos,
+    QosDurability,
+    QosHistory,
+    QosLiveliness,
+    QosReliability,
+    QosTime,
+)
+from rosbags.rosbag2 import Reader, StoragePlugin, Writer
+from rosbags.typesys import Stores, get_types_from_msg, get_typestore
+
+__all__ = [
+    "STORAGES",
+    "BagReader",
+    "BagWriter",
+    "BagMessage",
+    "TopicMeta",
+    "bag_info",
+    "camera_info_msg",
+    "default_qos_name",
+    "find_interface_dirs",
+    "image_msg",
+    "image_to_numpy",
+    "make_typestore",
+    "ns_to_stamp",
+    "qos_preset",
+    "register_msg_dir",
+    "stamp_to_ns",
+    "storage_for_path",
+]
+
+#: Storage identifiers accepted by :class:`BagWriter`.
+STORAGES: tuple[str, ...] = ("mcap", "sqlite3")
+_SUFFIX = {"mcap": ".mcap", "sqlite3": ".db3"}
+_PLUGIN = {"mcap": StoragePlugin.MCAP, "sqlite3": StoragePlugin.SQLITE3}
+_BAG_VERSION = 9  # rosbag2 metadata version written by Jazzy/Kilted
+
+#: ``sensor_msgs/Image`` encodings understood by :func:`image_to_numpy` -> (dtype, channels).
+_ENCODINGS: dict[str, tuple[str, int]] = {
+    "bgr8": ("uint8", 3),
+    "rgb8": ("uint8", 3),
+    "bgra8": ("uint8", 4),
+    "rgba8": ("uint8", 4),
+    "mono8": ("uint8", 1),
+    "8UC1": ("uint8", 1),
+    "8UC3": ("uint8", 3),
+    "mono16": ("uint16", 1),
+    "16UC1": ("uint16", 1),
+    "32FC1": ("float32", 1),
+}
+
+_REPO_DIR = Path(__file__).resolve().parents[2]
+
+
+# --------------------------------------------------------------------------------------------
+# typestore
+# --------------------------------------------------------------------------------------------
+def _package_name(package_dir: Path) -> str:
+    """Package name from ``package.xml`` (``<name>``) or, failing that, the directory name."""
+    manifest = package_dir / "package.xml"
+    if manifest.is_file():
+        import xml.etree.ElementTree as ET
+
+        try:
+            name = ET.parse(manifest).getroot().findtext("name")
+        except ET.ParseError as exc:
+            raise ValueError(f"cannot parse {manifest}: {exc}") from exc
+        if name and name.strip():
+            return name.strip()
+    return package_dir.name
+
+
+def register_msg_dir(typestore: Any, package_dir: str | os.PathLike[str]) -> list[str]:
+    """Register every ``msg/*.msg`` of one interface package with a rosbags typestore.
+
+    Args:
+        typestore: a ``rosbags`` typestore (e.g. from :func:`make_typestore`).
+        package_dir: the package directory (holding ``msg/`` and ideally ``package.xml``;
+            the package name is taken from ``package.xml`` or else the directory name).
+
+    Returns:
+        The registered type names (``pkg/msg/Name``), sorted.
+
+    Raises:
+        FileNotFoundError: ``package_dir`` or its ``msg/`` directory does not exist.
+        ValueError: a ``.msg`` file does not parse or conflicts with a registered type.
+    """
+    pkg_dir = Path(package_dir)
+    msg_dir = pkg_dir / "msg"
+    if not msg_dir.is_dir():
+        raise FileNotFoundError(f"no msg/ directory in interface package {pkg_dir}")
+    package = _package_name(pkg_dir)
+    types: dict[str, Any] = {}
+    for msg_file in sorted(msg_dir.glob("*.msg")):
+        name = f"{package}/msg/{msg_file.stem}"
+        try:
+            types.update(get_types_from_msg(msg_file.read_text(encoding="utf-8"), name))
+        except Exception as exc:  # rosbags raises its own parser errors
+            raise ValueError(f"cannot parse {msg_file} as {name}: {exc}") from exc
+    try:
+        typestore.register(types)
+    except Exception as exc:
+        raise ValueError(f"cannot register the messages of {pkg_dir}: {exc}") from exc
+    return sorted(types)
+
+
+def find_interface_dirs(root: str | os.PathLike[str] | None = None) -> list[Path]:
+    """Interface packages (directories with a ``msg/`` folder) under ``root/interfaces``.
+
+    ``root`` defaults to the source checkout this module lives in; returns ``[]`` when the
+    directory does not exist (e.g. an installed package).
+    """
+    base = (Path(root) if root is not None else _REPO_DIR) / "interfaces"
+    if not base.is_dir():
+        return []
+    return sorted(p for p in base.iterdir() if (p / "msg").is_dir())
+
+
+def make_typestore(msg_dirs: Iterable[str | os.PathLike[str]] = ()) -> Any:
+    """A fresh ROS2_KILTED rosbags typestore, extended with the packages in ``msg_dirs``.
+
+    Packages are registered in an order that lets later ones depend on earlier ones; a
+    package whose dependencies are still missing is retried after the others.
+    """
+    typestore = get_typestore(Stores.ROS2_KILTED)
+    pending = [Path(d) for d in msg_dirs]
+    while pending:
+        failed: list[tuple[Path, Exception]] = []
+        for pkg in pending:
+            try:
+                register_msg_dir(typestore, pkg)
+            except ValueError as exc:
+                failed.append((pkg, exc))
+        if len(failed) == len(pending):
+            raise failed[0][1]
+        pending = [pkg for pkg, _ in failed]
+    return typestore
+
+
+def _ensure_msgtype(typestore: Any, msgtype: str) -> None:
+    """Make sure ``msgtype`` is known, registering the project's interfaces if needed."""
+    if msgtype in typestore.fielddefs:
+        return
+    for pkg in find_interface_dirs():
+        try:
+            register_msg_dir(typestore, pkg)
+        except ValueError:
+            continue  # an unrelated package that does not parse on its own
+        if msgtype in typestore.fielddefs:
+            return
+    raise KeyError(
+        f"message type {msgtype!r} is unknown to the ROS2_KILTED typestore; pass the "
+        "interface package directory in msg_dirs (see register_msg_dir)"
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# QoS
+# --------------------------------------------------------------------------------------------
+_ZERO = QosTime(0, 0)
+_INFINITE = QosTime(0x7FFFFFFF, 0xFFFFFFFF)  # rosbag2's "infinite" duration
+
+
+def qos_preset(name: str, depth: int | None = None) -> list[Qos]:
+    """Offered-QoS record for the bag metadata.
+
+    Args:
+        name: ``"sensor_data"`` (best effort, volatile, depth 5), ``"reliable"`` (reliable,
+            volatile, depth 10) or ``"latched"`` (reliable, transient local, depth 1).
+        depth: override of the history depth.
+    """
+    presets = {
+        "sensor_data": (QosReliability.BEST_EFFORT, QosDurability.VOLATILE, 5),
+        "reliable": (QosReliability.RELIABLE, QosDurability.VOLATILE, 10),
+        "latched": (QosReliability.RELIABLE, QosDurability.TRANSIENT_LOCAL, 1),
+    }
+    if name not in presets:
+        raise ValueError(f"unknown QoS preset {name!r}; expected one of {sorted(presets)}")
+    reliability, durability, default_depth = presets[name]
+    return [
+        Qos(
+            history=QosHistory.KEEP_LAST,
+            depth=default_depth if depth is None else int(depth),
+            reliability=reliability,
+            durability=durability,
+            deadline=_INFINITE,
+            lifespan=_INFINITE,
+            liveliness=QosLiveliness.AUTOMATIC,
+            liveliness_lease_duration=_INFINITE,
+            avoid_ros_namespace_conventions=False,
+        )
+    ]
+
+
+def default_qos_name(topic: str) -> str:
+    """Project QoS convention: ``*label_info`` topics are latched, everything else sensor data."""
+    return "latched" if topic.rstrip("/").endswith("label_info") else "sensor_data"
+
+
+# --------------------------------------------------------------------------------------------
+# messages
+# --------------------------------------------------------------------------------------------
+def ns_to_stamp(typestore: Any, stamp_ns: int) -> Any:
+    """``builtin_interfaces/msg/Time`` for an integer nanosecond timestamp (must be >= 0)."""
+    stamp_ns = int(stamp_ns)
+    if stamp_ns < 0:
+        raise ValueError(f"timestamps must be >= 0 ns, got {stamp_ns}")
+    time_cls = typestore.types["builtin_interfaces/msg/Time"]
+    return time_cls(sec=stamp_ns // 1_000_000_000, nanosec=stamp_ns % 1_000_000_000)
+
+
+def stamp_to_ns(stamp: Any) -> int:
+    """Integer nanoseconds of a ``builtin_interfaces/msg/Time`` (rosbags, rclpy or mcap_ros2)."""
+    return int(stamp.sec) * 1_000_000_000 + int(stamp.nanosec)
+
+
+def _header(typestore: Any, stamp_ns: int, frame_id: str) -> Any:
+    header_cls = typestore.types["std_msgs/msg/Header"]
+    return header_cls(stamp=ns_to_stamp(typestore, stamp_ns), frame_id=str(frame_id))
+
+
+def image_msg(
+    typestore: Any, image: np.ndarray, stamp_ns: int, frame_id: str, encoding: str = "bgr8"
+) -> Any:
+    """A rosbags ``sensor_msgs/msg/Image`` holding ``image`` (HxW or HxWxC, C-contiguous copy).
+
+    Args:
+        typestore: rosbags typestore.
+        image: the pixels; for the default ``bgr8`` a ``uint8`` HxWx3 array (OpenCV order).
+        stamp_ns: header stamp in nanoseconds.
+        frame_id: header frame id.
+        encoding: one of the encodings in ``_ENCODINGS`` (dtype and channels are checked).
+    """
+    if encoding not in _ENCODINGS:
+        raise ValueError(f"unsupported encoding {encoding!r}; expected one of {sorted(_ENCODINGS)}")
+    dtype, channels = _ENCODINGS[encoding]
+    arr = np.asarray(image)
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    if arr.ndim != 3 or arr.shape[2] != channels:
+        raise ValueError(f"{encoding} needs an HxWx{channels} array, got shape {np.shape(image)}")
+    if arr.dtype != np.dtype(dtype):
+        raise ValueError(f"{encoding} needs dtype {dtype}, got {arr.dtype}")
+    if arr.shape[0] == 0 or arr.shape[1] == 0:
+        raise ValueError(f"empty image of shape {arr.shape}")
+    arr = np.ascontiguousarray(arr)
+    height, width = arr.shape[:2]
+    image_cls = typestore.types["sensor_msgs/msg/Image"]
+    return image_cls(
+        header=_header(typestore, stamp_ns, frame_id),
+        height=height,
+        width=width,
+        encoding=encoding,
+        is_bigendian=0,
+        step=width * channels * arr.dtype.itemsize,
+        data=arr.reshape(-1).view(np.uint8),
+    )
+
+
+def image_to_numpy(msg: Any) -> np.ndarray:
+    """Pixels of a ``sensor_msgs/Image`` (rosbags, rclpy or mcap_ros2 object) as an array.
+
+    Returns HxW for one-channel encodings and HxWxC otherwise; honours ``step`` padding.
+    """
+    encoding = str(msg.encoding)
+    if encoding not in _ENCODINGS:
+        raise ValueError(f"unsupported encoding {encoding!r}; expected one of {sorted(_ENCODINGS)}")
+    dtype, channels = _ENCODINGS[encoding]
+    height, width, step = int(msg.height), int(msg.width), int(msg.step)
+    raw = np.frombuffer(bytes(msg.data) if not isinstance(msg.data, np.ndarray) else msg.data,
+                        dtype=np.uint8)
+    row_bytes = width * channels * np.dtype(dtype).itemsize
+    if step < row_bytes or raw.size < step * height:
+        raise ValueError(
+            f"image data too short: {raw.size} bytes for {height} rows of step {step} "
+            f"({width}x{channels} {dtype})"
+        )
+    rows = raw[: step * height].reshape(height, step)[:, :row_bytes]
+    big = bool(msg.is_bigendian)
+    dt = np.dtype(dtype).newbyteorder(">" if big else "<")
+    arr = np.ascontiguousarray(rows).view(dt).astype(dtype, copy=False)
+    arr = arr.reshape(height, width, channels)
+    return arr[:, :, 0] if channels == 1 else arr
+
+
+def camera_info_msg(typestore: Any, info: Mapping[str, Any], stamp_ns: int, frame_id: str) -> Any:
+    """A rosbags ``sensor_msgs/msg/CameraInfo`` from a ``CameraModel.to_camera_info_dict()`` dict.
+
+    Required keys: ``width, height, distortion_model, d, k, r, p``; optional ``binning_x,
+    binning_y`` (default 0) and ``roi`` (dict with ``x_offset, y_offset, height, width,
+    do_rectify``; default all zero/False).
+    """
+    missing = [key for key in ("width", "height", "distortion_model", "d", "k", "r", "p")
+               if key not in info]
+    if missing:
+        raise ValueError(f"camera info dict lacks {missing}")
+    sizes = {"k": 9, "r": 9, "p": 12}
+    arrays = {}
+    for key, size in sizes.items():
+        arr = np.asarray(info[key], dtype=np.float64).reshape(-1)
+        if arr.size != size:
+            raise ValueError(f"camera info {key!r} needs {size} values, got {arr.size}")
+        arrays[key] = arr
+    roi_in = dict(info.get("roi") or {})
+    roi_cls = typestore.types["sensor_msgs/msg/RegionOfInterest"]
+    roi = roi_cls(
+        x_offset=int(roi_in.get("x_offset", 0)),
+        y_offset=int(roi_in.get("y_offset", 0)),
+        height=int(roi_in.get("height", 0)),
+        width=int(roi_in.get("width", 0)),
+        do_rectify=bool(roi_in.get("do_rectify", False)),
+    )
+    info_cls = typestore.types["sensor_msgs/msg/CameraInfo"]
+    return info_cls(
+        header=_header(typestore, stamp_ns, frame_id),
+        height=int(info["height"]),
+        width=int(info["width"]),
+        distortion_model=str(info["distortion_model"]),
+        d=np.asarray(info["d"], dtype=np.float64).reshape(-1),
+        k=arrays["k"],
+        r=arrays["r"],
+        p=arrays["p"],
+        binning_x=int(info.get("binning_x", 0) or 0),
+        binning_y=int(info.get("binning_y", 0) or 0),
+        roi=roi,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# writing
+# --------------------------------------------------------------------------------------------
+def storage_for_path(path: str | os.PathLike[str], storage: str | None = None) -> str:
+    """Storage id for an output path: explicit ``storage`` or inferred (``.db3`` -> sqlite3).
+
+    Raises:
+        ValueError: unknown storage, or a ``.mcap``/``.db3`` suffix contradicting ``storage``.
+    """
+    suffix = Path(path).suffix.lower()
+    inferred = {".mcap": "mcap", ".db3": "sqlite3"}.get(suffix)
+    if storage is None:
+        return inferred or "mcap"
+    if storage not in STORAGES:
+        raise ValueError(f"unknown storage {storage!r}; expected one of {list(STORAGES)}")
+    if inferred and inferred != storage:
+        raise ValueError(f"output {str(path)!r} has suffix {suffix} but storage is {storage!r}")
+    return storage
+
+
+class BagWriter:
+    """Write a rosbag2 bag (MCAP by default). Use as a context manager.
+
+    Example::
+
+        with BagWriter("out.mcap") as bag:
+            bag.add_topic("/camera/image_raw", "sensor_msgs/msg/Image")
+            bag.write("/camera/image_raw", stamp_ns, image_msg(bag.typestore, img, stamp_ns, "cam"))
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        storage: str | None = None,
+        *,
+        typestore: Any = None,
+        msg_dirs: Iterable[str | os.PathLike[str]] = (),
+        overwrite: bool = False,
+    ) -> None:
+        """Prepare a writer (nothing is created until :meth:`open` / ``__enter__``).
+
+        Args:
+            path: ``*.mcap`` / ``*.db3`` for a single storage file, anything else for a
+                rosbag2 directory.
+            storage: ``"mcap"`` or ``"sqlite3"``; default inferred from the suffix, else mcap.
+            typestore: rosbags typestore; default :func:`make_typestore` (msg_dirs).
+            msg_dirs: interface package dirs to register when ``typestore`` is not given.
+            overwrite: replace an existing ``path`` instead of failing.
+        """
+        self.path = Path(path)
+        self.storage = storage_for_path(self.path, storage)
+        self.single_file = self.path.suffix.lower() in (".mcap", ".db3")
+        self.typestore = typestore if typestore is not None else make_typestore(msg_dirs)
+        self.overwrite = overwrite
+        self._writer: Writer | None = None
+        self._tmpdir: Path | None = None
+        self._connections: dict[str, Any] = {}
+        self.counts: dict[str, int] = {}
+
+    # -- lifecycle ------------------------------------------------------------------------
+    def open(self) -> BagWriter:
+        """Create the (temporary) storage. Fails if ``path`` exists and not ``overwrite``."""
+        if self._writer is not None:
+            raise RuntimeError("BagWriter is already open")
+        if self.path.exists() and not self.overwrite:
+            raise FileExistsError(f"{self.path} exists already (use overwrite to replace it)")
+        parent = self.path.parent
+        if not parent.is_dir():
+            raise FileNotFoundError(f"output directory {parent} does not exist")
+        self._tmpdir = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.", suffix=".partial",
+                                             dir=parent))
+        inner = self._tmpdir / (self.path.stem if self.single_file else self.path.name)
+        self._writer = Writer(inner, version=_BAG_VERSION, storage_plugin=_PLUGIN[self.storage])
+        try:
+            self._writer.open()
+        except BaseException:
+            self._discard()
+            raise
+        return self
+
+    def __enter__(self) -> BagWriter:
+        return self.open()
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+    @property
+    def is_open(self) -> bool:
+        """True between :meth:`open` and :meth:`close` / :meth:`abort`."""
+        return self._writer is not None
+
+    def close(self) -> Path:
+        """Finish the bag and move it to ``path``. Returns ``path``."""
+        writer = self._require_open()
+        assert self._tmpdir is not None
+        try:
+            writer.close()
+            inner = writer.path
+            src = inner / f"{inner.name}{_SUFFIX[self.storage]}" if self.single_file else inner
+            if not src.exists():
+                raise RuntimeError(f"rosbags did not produce {src}")
+            if self.path.exists():  # overwrite was checked in open()
+                if self.path.is_dir() and not self.path.is_symlink():
+                    shutil.rmtree(self.path)
+                else:
+                    self.path.unlink()
+            os.replace(src, self.path)
+        finally:
+            self._writer = None
+            self._discard()
+        return self.path
+
+    def abort(self) -> None:
+        """Drop everything written so far; ``path`` is left untouched."""
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            try:
+                writer.abort()
+            except Exception:  # noqa: BLE001 - best effort cleanup
+                pass
+        self._discard()
+
+    def _discard(self) -> None:
+        if self._tmpdir is not None:
+            shutil.rmtree(self._tmpdir, ignore_errors=True)
+            self._tmpdir = None
+
+    def _require_open(self) -> Writer:
+        if self._writer is None:
+            raise RuntimeError("BagWriter is not open (use it as a context manager or call open())")
+        return self._writer
+
+    # -- topics and messages ---------------------------------------------------------------
+    def add_topic(
+        self, name: str, msgtype: str, qos: str | Sequence[Qos] | None = None
+    ) -> None:
+        """Declare a topic.
+
+        Args:
+            name: absolute topic name (``/camera/image_raw``).
+            msgtype: ``pkg/msg/Type``; must be known to the typestore.
+            qos: offered QoS stored in the metadata: a :func:`qos_preset` name, a list of
+                rosbags ``Qos``, or None for :func:`default_qos_name` of the topic.
+        """
+        writer = self._require_open()
+        if not name.startswith("/") or "//" in name or name.endswith("/") and name != "/":
+            raise ValueError(f"topic name must be absolute and well formed, got {name!r}")
+        if name in self._connections:
+            raise ValueError(f"topic {name} was already added")
+        _ensure_msgtype(self.typestore, msgtype)
+        if qos is None:
+            qos = default_qos_name(name)
+        profiles = qos_preset(qos) if isinstance(qos, str) else list(qos)
+        self._connections[name] = writer.add_connection(
+            name, msgtype, typestore=self.typestore, offered_qos_profiles=profiles
+        )
+        self.counts[name] = 0
+
+    @property
+    def topics(self) -> dict[str, str]:
+        """Declared topics -> message type."""
+        return {name: conn.msgtype for name, conn in self._connections.items()}
+
+    def write(self, topic: str, timestamp_ns: int, msg: Any) -> None:
+        """Write one message.
+
+        Args:
+            topic: a topic declared with :meth:`add_topic`.
+            timestamp_ns: bag (receive/log) time in nanoseconds, >= 0.
+            msg: CDR bytes (``bytes``/``bytearray``/``memoryview``) or a rosbags message
+                object of the topic's type (serialised here).
+        """
+        writer = self._require_open()
+        conn = self._connections.get(topic)
+        if conn is None:
+            raise KeyError(f"topic {topic} was not added (known: {sorted(self._connections)})")
+        timestamp_ns = int(timestamp_ns)
+        if timestamp_ns < 0:
+            raise ValueError(f"timestamps must be >= 0 ns, got {timestamp_ns}")
+        if isinstance(msg, (bytes, bytearray, memoryview)):
+            data = bytes(msg)
+        else:
+            msg_name = getattr(msg, "__msgtype__", None)
+            if msg_name != conn.msgtype:
+                raise TypeError(f"{topic} carries {conn.msgtype}, got {msg_name or type(msg)}")
+            data = bytes(self.typestore.serialize_cdr(msg, conn.msgtype))
+        writer.write(conn, timestamp_ns, data)
+        self.counts[topic] += 1
+
+    @property
+    def message_count(self) -> int:
+        """Messages written so far."""
+        return sum(self.counts.values())
+
+
+# --------------------------------------------------------------------------------------------
+# reading
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TopicMeta:
+    """One topic of a bag."""
+
+    name: str
+    msgtype: str
+    count: int
+    qos: list[Qos] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class BagMessage:
+    """One stored message: topic, type, bag timestamp (ns) and CDR bytes."""
+
+    topic: str
+    msgtype: str
+    timestamp_ns: int
+    rawdata: bytes
+
+    def __iter__(self) -> Iterator[Any]:  # allows ``topic, msgtype, ts, raw = message``
+        return iter((self.topic, self.msgtype, self.timestamp_ns, self.rawdata))
+
+
+class BagReader:
+    """Read a rosbag2 directory or a bare ``.mcap`` / ``.db3`` file (context manager).
+
+    Iterating yields :class:`BagMessage` tuples ``(topic, msgtype, timestamp_ns, rawdata)``
+    in timestamp order.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        typestore: Any = None,
+        msg_dirs: Iterable[str | os.PathLike[str]] = (),
+    ) -> None:
+        """Args: path of the bag; typestore / msg_dirs as for :class:`BagWriter`."""
+        self.path = Path(path)
+        if not self.path.exists():
+            raise FileNotFoundError(f"bag {self.path} does not exist")
+        self.typestore = typestore if typestore is not None else make_typestore(msg_dirs)
+        self._reader: Reader | None = None
+
+    def open(self) -> BagReader:
+        """Open the bag and register message types that are only defined inside it."""
+        if self._reader is not None:
+            raise RuntimeError("BagReader is already open")
+        try:
+            reader = Reader(self.path)
+            reader.open()
+        except FileNotFoundError:
+            raise
+        except Exception as exc:
+            raise ValueError(f"cannot open bag {self.path}: {exc}") from exc
+        self._reader = reader
+        for conn in reader.connections:
+            if conn.msgtype in self.typestore.fielddefs:
+                continue
+            if conn.msgdef.format == MessageDefinitionFormat.MSG and conn.msgdef.data:
+                try:
+                    self.typestore.register(get_types_from_msg(conn.msgdef.data, conn.msgtype))
+                except Exception:  # noqa: BLE001 - leave it; deserialize() reports clearly
+                    pass
+        return self
+
+    def __enter__(self) -> BagReader:
+        return self.open()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the bag (idempotent)."""
+        reader, self._reader = self._reader, None
+        if reader is not None:
+            reader.close()
+
+    def _require_open(self) -> Reader:
+        if self._reader is None:
+            raise RuntimeError("BagReader is not open (use it as a context manager or call open())")
+        return self._reader
+
+    # -- metadata ----------------------------------------------------------------------------
+    @property
+    def storage(self) -> str:
+        """``"mcap"`` or ``"sqlite3"``."""
+        if self.path.is_dir():
+            if any(self.path.glob("*.db3")):
+                return "sqlite3"
+            return "mcap"
+        return "sqlite3" if self.path.suffix.lower() == ".db3" else "mcap"
+
+    @property
+    def topics(self) -> dict[str, TopicMeta]:
+        """Topics by name, sorted by name."""
+        reader = self._require_open()
+        out: dict[str, TopicMeta] = {}
+        for name, info in sorted(reader.topics.items()):
+            qos: list[Qos] = []
+            for conn in info.connections:
+                if isinstance(conn.ext, ConnectionExtRosbag2):
+                    qos.extend(conn.ext.offered_qos_profiles)
+            msgtype = info.msgtype or ",".join(sorted({c.msgtype for c in info.connections}))
+            out[name] = TopicMeta(name, msgtype, int(info.msgcount), qos)
+        return out
+
+    @property
+    def message_count(self) -> int:
+        """Total number of messages."""
+        return int(self._require_open().message_count)
+
+    def time_range(self) -> tuple[int, int] | None:
+        """``(first, last)`` message timestamps in ns, or None for an empty bag."""
+        reader = self._require_open()
+        if not reader.message_count:
+            return None
+        start = int(reader.start_time)
+        # rosbags reports the end as "last + 1" for most storages but not all (old sqlite3
+        # files without metadata); look at the messages around it (an indexed, cheap read).
+        end = int(reader.end_time)
+        near = [int(ts) for _, ts, _ in reader.messages(start=max(start, end - 1), stop=end + 1)]
+        return start, max(near) if near else max(start, end - 1)
+
+    # -- messages ----------------------------------------------------------------------------
+    def messages(
+        self,
+        topics: Iterable[str] | None = None,
+        start_ns: int | None = None,
+        stop_ns: int | None = None,
+    ) -> Iterator[BagMessage]:
+        """Messages in timestamp order, optionally only ``topics`` and ``[start_ns, stop_ns)``.
+
+        Raises:
+            KeyError: a requested topic is not in the bag.
+        """
+        reader = self._require_open()
+        conns = reader.connections
+        if topics is not None:
+            wanted = set(topics)
+            known = {c.topic for c in conns}
+            if unknown := sorted(wanted - known):
+                raise KeyError(f"topics {unknown} are not in {self.path} (has {sorted(known)})")
+            conns = [c for c in conns if c.topic in wanted]
+            if not conns:
+                return
+        for conn, timestamp, data in reader.messages(conns, start=start_ns, stop=stop_ns):
+            yield BagMessage(conn.topic, conn.msgtype, int(timestamp), bytes(data))
+
+    def __iter__(self) -> Iterator[BagMessage]:
+        return self.messages()
+
+    def deserialize(self, rawdata: bytes | memoryview, msgtype: str) -> Any:
+        """Decode CDR bytes into a rosbags message object."""
+        if msgtype not in self.typestore.fielddefs:
+            raise KeyError(f"message type {msgtype!r} is unknown (no definition in the bag or "
+                           "typestore; pass msg_dirs)")
+        return self.typestore.deserialize_cdr(rawdata, msgtype)
+
+    def decoded(self, topics: Iterable[str] | None = None) -> Iterator[tuple[str, int, Any]]:
+        """``(topic, timestamp_ns, message)`` with messages decoded by :meth:`deserialize`."""
+        for message in self.messages(topics):
+            yield message.topic, message.timestamp_ns, self.deserialize(
+                message.rawdata, message.msgtype
+            )
+
+
+def _qos_to_dict(qos: Qos) -> dict[str, Any]:
+    return {
+        "history": qos.history.name.lower(),
+        "depth": int(qos.depth),
+        "reliability": qos.reliability.name.lower(),
+        "durability": qos.durability.name.lower(),
+    }
+
+
+def bag_info(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Summary of a bag as plain python (JSON-serialisable).
+
+    Returns:
+        ``{"path", "storage", "message_count", "start_ns", "end_ns", "duration_ns",
+        "duration_s", "topics": {name: {"type", "count", "qos": [...]}}}``; ``start_ns`` and
+        ``end_ns`` are the first/last message timestamps (None when empty).
+    """
+    with BagReader(path) as reader:
+        span = reader.time_range()
+        start, end = span if span else (None, None)
+        duration = (end - start) if span else 0
+        topics = {
+            name: {"type": meta.msgtype, "count": meta.count,
+                   "qos": [_qos_to_dict(q) for q in meta.qos]}
+            for name, meta in reader.topics.items()
+        }
+        return {
+            "path": str(reader.path),
+            "storage": reader.storage,
+            "message_count": reader.message_count,
+            "start_ns": start,
+            "end_ns": end,
+            "duration_ns": duration,
+            "duration_s": duration / 1e9,
+            "topics": topics,
+        }

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Build the interface packages into the venv with the pip rosidl wheels (pip-only machines).
+# On a full ROS 2 install use colcon instead (see README).
+set -euo pipefail
+VENV=$(cd "${1:-.venv}" && pwd)
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+export AMENT_PREFIX_PATH="$VENV${AMENT_PREFIX_PATH:+:$AMENT_PREFIX_PATH}"
+export PATH="$VENV/bin:$PATH"
+pkgs=(perception2d_interfaces)
+# vision_msgs: use the real package when it is importable (e.g. a sourced ROS install).
+if ! "$VENV/bin/python" -c "import vision_msgs.msg" 2>/dev/null || \
+   [ -f "$VENV/share/vision_msgs/.perception2d_copy" ]; then
+  pkgs=(vision_msgs perception2d_interfaces)
+fi
+for pkg in "${pkgs[@]}"; do
+  echo "    building $pkg ..."
+  t0=$SECONDS
+  cmake -S "$ROOT/interfaces/$pkg" -B "$ROOT/build/$pkg" -DCMAKE_PREFIX_PATH="$VENV" \
+    -DCMAKE_INSTALL_PREFIX="$VENV" -DPython3_EXECUTABLE="$VENV/bin/python" \
+    -DBUILD_TESTING=OFF > "$ROOT/build/$pkg.log" 2>&1 \
+  && cmake --build "$ROOT/build/$pkg" -j"$(nproc)" >> "$ROOT/build/$pkg.log" 2>&1 \
+  && cmake --install "$ROOT/build/$pkg" >> "$ROOT/build/$pkg.log" 2>&1 \
+  || { echo "build of $pkg failed; last lines of build/$pkg.log:"; tail -30 "$ROOT/build/$pkg.log"; exit 1; }
+  [ "$pkg" = vision_msgs ] && touch "$VENV/share/vision_msgs/.perception2d_copy"
+  echo "    $pkg built in $((SECONDS - t0)) s"
+done
