@@ -1,0 +1,138 @@
+"""ROS-free flow control used by the nodes: newest-frame-wins slot, approximate time sync
+of image + camera_info, throttled error reporting with counters."""
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter, deque
+from typing import Any, Callable, Generic, TypeVar
+
+T = TypeVar("T")
+
+
+class LatestSlot(Generic[T]):
+    """A depth-1 mailbox: ``put`` replaces an unread item (counted as a drop); ``take``
+    blocks until an item is there or ``timeout`` passes. Never grows under load."""
+
+    def __init__(self) -> None:
+        self._item: T | None = None
+        self._cond = threading.Condition()
+        self.dropped = 0
+        self.received = 0
+        self._closed = False
+
+    def put(self, item: T) -> None:
+        with self._cond:
+            if self._item is not None:
+                self.dropped += 1
+            self._item = item
+            self.received += 1
+            self._cond.notify()
+
+    def take(self, timeout: float | None = None) -> T | None:
+        with self._cond:
+            if self._item is None and not self._closed:
+                self._cond.wait(timeout)
+            item, self._item = self._item, None
+            return item
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+
+class ApproximateSync:
+    """Pairs images with camera_infos whose stamps differ by at most ``slop_ns``.
+
+    Keeps the last ``depth`` unmatched messages of each kind. ``on_pair(image, info)`` is
+    called once per image that found its camera_info, in arrival order. Images older than
+    ``depth`` still unmatched are counted in ``unmatched_images`` (a missing camera_info)."""
+
+    def __init__(self, on_pair: Callable[[Any, Any], None], slop_ns: int = 20_000_000,
+                 depth: int = 10, stamp: Callable[[Any], int] | None = None) -> None:
+        self.on_pair = on_pair
+        self.slop_ns = slop_ns
+        self._images: deque[Any] = deque()
+        self._infos: deque[Any] = deque(maxlen=depth)
+        self._depth = depth
+        self._stamp = stamp or (lambda m: int(m.header.stamp.sec) * 1_000_000_000
+                                + int(m.header.stamp.nanosec))
+        self._lock = threading.Lock()
+        self.unmatched_images = 0
+        self.last_info_time: float | None = None
+
+    def add_image(self, msg: Any) -> None:
+        with self._lock:
+            info = self._match(self._stamp(msg), self._infos)
+            if info is None:
+                self._images.append(msg)
+                while len(self._images) > self._depth:
+                    self._images.popleft()
+                    self.unmatched_images += 1
+                return
+        self.on_pair(msg, info)
+
+    def add_info(self, msg: Any) -> None:
+        self.last_info_time = time.monotonic()
+        pairs = []
+        with self._lock:
+            self._infos.append(msg)
+            ts = self._stamp(msg)
+            keep = deque()
+            for img in self._images:
+                if abs(self._stamp(img) - ts) <= self.slop_ns:
+                    pairs.append(img)
+                else:
+                    keep.append(img)
+            self._images = keep
+        for img in pairs:
+            self.on_pair(img, msg)
+
+    @property
+    def pending_images(self) -> int:
+        return len(self._images)
+
+    def _match(self, ts: int, infos: deque[Any]) -> Any:
+        best, best_dt = None, None
+        for info in infos:
+            dt = abs(self._stamp(info) - ts)
+            if dt <= self.slop_ns and (best_dt is None or dt < best_dt):
+                best, best_dt = info, dt
+        return best
+
+
+class ErrorReporter:
+    """One clear error line per (field) at most every ``period`` seconds; every occurrence is
+    counted (the counts go to /diagnostics)."""
+
+    def __init__(self, log: Callable[[str], None], period: float = 5.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._log = log
+        self._period = period
+        self._clock = clock
+        self._last: dict[str, float] = {}
+        self.counts: Counter[str] = Counter()
+
+    def report(self, key: str, message: str) -> bool:
+        """Count the error under ``key``; log ``message`` unless logged within the period.
+        Returns whether it was logged."""
+        self.counts[key] += 1
+        now = self._clock()
+        last = self._last.get(key)
+        if last is not None and now - last < self._period:
+            return False
+        self._last[key] = now
+        suffix = f" ({self.counts[key]} so far)" if self.counts[key] > 1 else ""
+        self._log(message + suffix)
+        return True
+
+
+def error_key(exc: BaseException) -> str:
+    """A stable key for an error: the field it names ('camera_info.k', 'encoding' …) when
+    the message starts with one, else the exception type."""
+    text = str(exc)
+    head = text.split(":", 1)[0].strip()
+    if head and " " not in head and len(head) < 48:
+        return head
+    return type(exc).__name__

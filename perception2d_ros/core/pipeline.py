@@ -1,0 +1,267 @@
+"""ROS-free perception pipeline: stages that run on one in-memory frame.
+
+A :class:`Frame` carries the image (as received, converted once to a numpy array), its stamp
+and frame id, the camera model, and every stage's results. Stages (rectify → detect → SAM →
+CLIP → LSeg) mutate the frame in place and record their time in ``frame.timings``. The ROS
+nodes, the offline ``perception2d process`` tool and the benchmarks all run these same stage
+objects, so separate-node mode, pipeline mode and offline mode produce identical results.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol, Sequence
+
+import numpy as np
+
+LOG = logging.getLogger("perception2d.pipeline")
+
+STAGE_ORDER = ("rectify", "detect", "sam", "clip", "lseg")
+
+
+@dataclass
+class Frame:
+    """One camera frame moving through the pipeline.
+
+    ``image``: HxW or HxWxC array in ``encoding`` (as received). ``camera``: the raw camera's
+    CameraModel, or None when the input is already rectified and no calibration is known.
+    Stage outputs are attached as attributes; ``timings`` maps stage name → seconds.
+    """
+
+    image: np.ndarray
+    encoding: str
+    stamp_ns: int
+    frame_id: str
+    camera: Any = None
+    rectified: np.ndarray | None = None
+    rectified_encoding: str | None = None
+    detections: Any = None
+    ground: Any = None
+    masks: Any = None
+    clip: Any = None
+    labels: Any = None
+    vocabulary_version: int | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+    _bgr_cache: np.ndarray | None = None
+
+    @property
+    def working_image(self) -> np.ndarray:
+        """The image later stages see: rectified when a rectify stage ran, else the input."""
+        return self.rectified if self.rectified is not None else self.image
+
+    @property
+    def working_encoding(self) -> str:
+        return self.rectified_encoding if self.rectified is not None else self.encoding
+
+    def bgr(self) -> np.ndarray:
+        """The working image as HxWx3 uint8 BGR (converted once per frame, then cached)."""
+        if self._bgr_cache is None:
+            from perception2d_ros.core.image_codec import convert
+
+            img, enc = self.working_image, self.working_encoding
+            self._bgr_cache = img if enc == "bgr8" else convert(img, enc, "bgr8")
+        return self._bgr_cache
+
+
+class Stage(Protocol):
+    name: str
+
+    def process(self, frame: Frame) -> None: ...
+
+
+class RectifyStage:
+    """Rectify with cached maps; maps are rebuilt only when the calibration changes."""
+
+    name = "rectify"
+
+    def __init__(self, interpolation: int | None = None) -> None:
+        import cv2
+
+        self.interpolation = cv2.INTER_LINEAR if interpolation is None else interpolation
+        self._out: np.ndarray | None = None
+
+    def process(self, frame: Frame) -> None:
+        if frame.camera is None:
+            raise ValueError("camera_info: no calibration for this frame; rectify needs one")
+        t0 = time.perf_counter()
+        image, encoding = frame.image, frame.encoding
+        if encoding.startswith("bayer_") or encoding.startswith("yuv422"):
+            from perception2d_ros.core.image_codec import convert
+
+            image, encoding = convert(image, encoding, "bgr8"), "bgr8"
+        cam = frame.camera
+        if (image.shape[1], image.shape[0]) != (cam.width, cam.height):
+            raise ValueError(
+                f"camera_info: size {cam.width}x{cam.height} does not match image "
+                f"{image.shape[1]}x{image.shape[0]}")
+        if cam.is_identity:
+            frame.rectified = image
+        else:
+            # a fresh output per frame: the previous one may still be in a publisher's hands
+            frame.rectified = cam.rectify(image, interpolation=self.interpolation)
+        frame.rectified_encoding = encoding
+        frame.timings[self.name] = time.perf_counter() - t0
+
+
+class DetectStage:
+    """YOLO detection on the working image; optional ground-plane positions."""
+
+    name = "detect"
+
+    def __init__(self, detector: Any, extrinsics: Any = None, plane_height: float = 0.0) -> None:
+        self.detector = detector
+        self.extrinsics = extrinsics
+        self.plane_height = plane_height
+
+    def process(self, frame: Frame) -> None:
+        t0 = time.perf_counter()
+        frame.detections = self.detector.detect(frame.bgr())
+        if self.extrinsics is not None and frame.camera is not None:
+            frame.ground = ground_positions(frame, self.extrinsics, self.plane_height)
+        frame.timings[self.name] = time.perf_counter() - t0
+
+
+def ground_positions(frame: Frame, extrinsics: Any, plane_height: float) -> np.ndarray:
+    """Nx3 base-frame points where each detection's bottom-centre pixel meets the ground
+    plane (NaN rows where the ray misses it). Pixels are in the working image: rectified
+    when a rectify stage ran (then the rectified camera is used), raw otherwise."""
+    det = frame.detections
+    if det is None or len(det) == 0:
+        return np.zeros((0, 3), np.float64)
+    xyxy = np.asarray(det.xyxy, np.float64)
+    pts = np.stack([(xyxy[:, 0] + xyxy[:, 2]) / 2.0, xyxy[:, 3]], axis=1)
+    return frame.camera.pixel_to_ground(pts, extrinsics, plane_height=plane_height,
+                                        rectified=frame.rectified is not None)
+
+
+class Pipeline:
+    """An ordered list of stages run on each frame. A stage that raises leaves the frame's
+    later results unset; the error propagates to the caller (nodes log it, throttled)."""
+
+    def __init__(self, stages: Sequence[Stage]) -> None:
+        names = [s.name for s in stages]
+        order = [n for n in STAGE_ORDER if n in names]
+        if names != order:
+            raise ValueError(f"stages must run in the order {STAGE_ORDER}; got {names}")
+        self.stages = list(stages)
+
+    @property
+    def names(self) -> list[str]:
+        return [s.name for s in self.stages]
+
+    def run(self, frame: Frame, on_stage: Callable[[str, Frame], None] | None = None) -> Frame:
+        t0 = time.perf_counter()
+        for stage in self.stages:
+            stage.process(frame)
+            if on_stage is not None:
+                on_stage(stage.name, frame)
+        frame.timings["total"] = time.perf_counter() - t0
+        return frame
+
+
+# --------------------------------------------------------------------------- configuration
+DEFAULTS: dict[str, Any] = {
+    "stages": ["rectify", "detect"],
+    "interpolation": "linear",
+    "models_dir": "",
+    "detect": {
+        "model": "yolox_nano",
+        "backend": "auto",
+        "device": "auto",
+        "precision": "fp32",
+        "threads": 0,
+        "conf_threshold": 0.3,
+        "iou_threshold": 0.45,
+        "max_detections": 100,
+        "classes": [],
+    },
+    "extrinsics": {
+        "enabled": False,
+        "parent_frame": "base_link",
+        "translation": [0.0, 0.0, 0.0],
+        "rotation_rpy": [0.0, 0.0, 0.0],
+        "plane_height": 0.0,
+    },
+}
+
+INTERPOLATIONS = {"nearest": 0, "linear": 1, "cubic": 2, "area": 3, "lanczos": 4}
+
+
+def merge_config(overrides: dict[str, Any] | None) -> dict[str, Any]:
+    """DEFAULTS deep-merged with ``overrides``; unknown keys are kept (stage options)."""
+    import copy
+
+    out = copy.deepcopy(DEFAULTS)
+
+    def merge(dst: dict[str, Any], src: dict[str, Any]) -> None:
+        for k, v in src.items():
+            if isinstance(v, dict) and isinstance(dst.get(k), dict):
+                merge(dst[k], v)
+            else:
+                dst[k] = v
+
+    merge(out, overrides or {})
+    return out
+
+
+def validate_config(cfg: dict[str, Any]) -> None:
+    """Raise ValueError naming the parameter for out-of-range or unknown values."""
+    bad = [s for s in cfg["stages"] if s not in STAGE_ORDER]
+    if bad:
+        raise ValueError(f"stages: unknown stage(s) {bad}; known: {list(STAGE_ORDER)}")
+    if cfg["interpolation"] not in INTERPOLATIONS:
+        raise ValueError(f"interpolation: '{cfg['interpolation']}' is not one of "
+                         f"{list(INTERPOLATIONS)}")
+    d = cfg["detect"]
+    for key in ("conf_threshold", "iou_threshold"):
+        if not 0.0 <= float(d[key]) <= 1.0:
+            raise ValueError(f"detect.{key}: {d[key]} is outside [0, 1]")
+    if int(d["max_detections"]) < 1:
+        raise ValueError(f"detect.max_detections: {d['max_detections']} must be >= 1")
+    e = cfg["extrinsics"]
+    if len(e["translation"]) != 3 or len(e["rotation_rpy"]) != 3:
+        raise ValueError("extrinsics.translation and extrinsics.rotation_rpy need 3 values each")
+
+
+def build_pipeline(cfg: dict[str, Any], log: Callable[[str], None] = LOG.info) -> Pipeline:
+    """Create the stage objects (loading models) for a merged, validated config."""
+    validate_config(cfg)
+    stages: list[Any] = []
+    if "rectify" in cfg["stages"]:
+        stages.append(RectifyStage(INTERPOLATIONS[cfg["interpolation"]]))
+    if "detect" in cfg["stages"]:
+        from perception2d_ros.core.engines import EngineConfig
+        from perception2d_ros.core.yolo import YoloDetector
+
+        d = cfg["detect"]
+        ecfg = EngineConfig(backend=d["backend"], device=d["device"], precision=d["precision"],
+                            threads=int(d["threads"]) or None)
+        detector = YoloDetector.from_model(
+            d["model"], engine_config=ecfg, conf=float(d["conf_threshold"]),
+            iou=float(d["iou_threshold"]), max_det=int(d["max_detections"]),
+            classes=list(d["classes"]) or None, models_dir=cfg.get("models_dir") or None)
+        extr = None
+        e = cfg["extrinsics"]
+        if e["enabled"]:
+            from perception2d_ros.core.camera import Extrinsics
+
+            extr = Extrinsics.from_body_pose(e["translation"], e["rotation_rpy"],
+                                             parent_frame=e["parent_frame"])
+        stages.append(DetectStage(detector, extr, float(e["plane_height"])))
+        log(f"detect: {detector.describe() if hasattr(detector, 'describe') else d['model']}")
+    for name in ("sam", "clip", "lseg"):
+        if name in cfg["stages"]:
+            stages.append(_build_optional_stage(name, cfg))
+    return Pipeline(stages)
+
+
+class StageUnavailable(RuntimeError):
+    """A stage was enabled but its model weights are not present."""
+
+
+def _build_optional_stage(name: str, cfg: dict[str, Any]) -> Any:
+    import importlib
+
+    module = importlib.import_module(f"perception2d_ros.core.{name}_stage")
+    return module.build_stage(cfg)

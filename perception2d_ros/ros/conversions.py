@@ -1,0 +1,133 @@
+"""Message ↔ core conversions (the only place that knows both worlds)."""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+from builtin_interfaces.msg import Time
+from sensor_msgs.msg import CameraInfo, Image, RegionOfInterest
+from std_msgs.msg import Header
+
+from perception2d_ros.core.camera import CameraModel
+from perception2d_ros.core.image_codec import array_to_image_fields, image_to_array
+
+
+def copy_header(header: Header, frame_id: str | None = None) -> Header:
+    return Header(stamp=Time(sec=header.stamp.sec, nanosec=header.stamp.nanosec),
+                  frame_id=header.frame_id if frame_id is None else frame_id)
+
+
+def stamp_to_ns(stamp: Time) -> int:
+    return int(stamp.sec) * 1_000_000_000 + int(stamp.nanosec)
+
+
+def ns_to_stamp(ns: int) -> Time:
+    return Time(sec=int(ns // 1_000_000_000), nanosec=int(ns % 1_000_000_000))
+
+
+def image_msg_to_array(msg: Image) -> np.ndarray:
+    """Zero-copy where the layout allows; ValueError naming the field on bad messages."""
+    return image_to_array(msg)
+
+
+def array_to_image_msg(array: np.ndarray, encoding: str, header: Header) -> Image:
+    fields = array_to_image_fields(array, encoding)
+    msg = Image(header=copy_header(header), height=fields["height"], width=fields["width"],
+                encoding=fields["encoding"], is_bigendian=int(fields["is_bigendian"]),
+                step=fields["step"])
+    data = fields["data"]
+    msg.data = bytes(data) if not isinstance(data, (bytes, bytearray)) else data
+    return msg
+
+
+def camera_info_key(msg: CameraInfo) -> tuple:
+    roi = msg.roi
+    return (msg.width, msg.height, msg.distortion_model, tuple(msg.d), tuple(msg.k),
+            tuple(msg.r), tuple(msg.p), msg.binning_x, msg.binning_y,
+            (roi.x_offset, roi.y_offset, roi.width, roi.height, roi.do_rectify))
+
+
+class CameraModelCache:
+    """One CameraModel per distinct calibration, so rectification maps are built once and
+    reused while the calibration stays the same (never per frame)."""
+
+    def __init__(self, size: int = 4) -> None:
+        self._size = size
+        self._models: dict[tuple, CameraModel] = {}
+
+    def get(self, msg: CameraInfo) -> CameraModel:
+        key = camera_info_key(msg)
+        model = self._models.get(key)
+        if model is None:
+            model = CameraModel.from_camera_info(msg)  # ValueError naming the field
+            if len(self._models) >= self._size:
+                self._models.pop(next(iter(self._models)))
+            self._models[key] = model
+        return model
+
+
+def camera_info_msg(fields: dict[str, Any], header: Header) -> CameraInfo:
+    roi = fields.get("roi") or {}
+    return CameraInfo(
+        header=copy_header(header), width=int(fields["width"]), height=int(fields["height"]),
+        distortion_model=str(fields["distortion_model"]),
+        d=[float(v) for v in fields["d"]], k=[float(v) for v in fields["k"]],
+        r=[float(v) for v in fields["r"]], p=[float(v) for v in fields["p"]],
+        binning_x=int(fields.get("binning_x", 0)), binning_y=int(fields.get("binning_y", 0)),
+        roi=RegionOfInterest(x_offset=int(roi.get("x_offset", 0)),
+                             y_offset=int(roi.get("y_offset", 0)),
+                             height=int(roi.get("height", 0)), width=int(roi.get("width", 0)),
+                             do_rectify=bool(roi.get("do_rectify", False))))
+
+
+def detections_msg(det: Any, header: Header, extra_hypotheses: Sequence[Sequence[tuple[str, float]]]
+                   | None = None, ids: Sequence[str] | None = None) -> Any:
+    """Detection2DArray: class_id = class name, score, axis-aligned bbox in image pixels,
+    id = detection index (or ``ids``); ``extra_hypotheses[i]`` are appended (CLIP labels)."""
+    from vision_msgs.msg import (BoundingBox2D, Detection2D, Detection2DArray,
+                                 ObjectHypothesis, ObjectHypothesisWithPose)
+
+    out = Detection2DArray(header=copy_header(header))
+    xyxy = np.asarray(det.xyxy, np.float64).reshape(-1, 4)
+    for i in range(xyxy.shape[0]):
+        x1, y1, x2, y2 = xyxy[i]
+        d = Detection2D(header=copy_header(header), id=str(ids[i]) if ids is not None else str(i))
+        bbox = BoundingBox2D(size_x=float(x2 - x1), size_y=float(y2 - y1))
+        bbox.center.position.x = float((x1 + x2) / 2.0)
+        bbox.center.position.y = float((y1 + y2) / 2.0)
+        d.bbox = bbox
+        hyps = [(str(det.class_names[i]), float(det.scores[i]))]
+        if extra_hypotheses is not None:
+            hyps = list(extra_hypotheses[i]) if extra_hypotheses[i] is not None else hyps
+        for name, score in hyps:
+            d.results.append(ObjectHypothesisWithPose(
+                hypothesis=ObjectHypothesis(class_id=name, score=float(score))))
+        out.detections.append(d)
+    return out
+
+
+def label_info_msg(names: Sequence[str], header: Header, threshold: float = 0.0,
+                   ids: Sequence[int] | None = None) -> Any:
+    from vision_msgs.msg import LabelInfo, VisionClass
+
+    msg = LabelInfo(header=copy_header(header), threshold=float(threshold))
+    for i, name in enumerate(names):
+        msg.class_map.append(VisionClass(class_id=int(ids[i]) if ids is not None else i,
+                                         class_name=str(name)))
+    return msg
+
+
+def ground_msg(det: Any, points: np.ndarray, header: Header, base_frame: str,
+               plane_height: float) -> Any:
+    from geometry_msgs.msg import Point
+    from perception2d_interfaces.msg import GroundPosition, GroundPositionArray
+
+    msg = GroundPositionArray(header=copy_header(header, base_frame),
+                              plane_height=float(plane_height))
+    for i in range(points.shape[0]):
+        ok = bool(np.all(np.isfinite(points[i])))
+        p = points[i] if ok else np.zeros(3)
+        msg.positions.append(GroundPosition(
+            id=str(i), class_id=str(det.class_names[i]), score=float(det.scores[i]),
+            position=Point(x=float(p[0]), y=float(p[1]), z=float(p[2])), valid=ok))
+    return msg

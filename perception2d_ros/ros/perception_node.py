@@ -1,0 +1,368 @@
+"""One lifecycle node class for every stage combination.
+
+``rectify_node``, ``detector_node`` and ``pipeline_node`` are this class with different
+default stages and inputs, so separate-node and one-process modes run the same code and
+publish the same messages. configure → builds the pipeline (loads models); activate →
+subscribes and starts the worker; deactivate → stops; cleanup → frees the models.
+
+Threading: subscription callbacks only convert/sync and drop the newest pair into a
+depth-1 slot (newest frame wins, drops counted); one worker thread runs the pipeline and
+publishes. Bad input never escapes a callback: one throttled error naming the field, a
+counter in /diagnostics, and the next good frame is processed.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from typing import Any, Sequence
+
+import numpy as np
+import rclpy
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+from rcl_interfaces.msg import ParameterDescriptor, SetParametersResult
+from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
+from rclpy.qos import (DurabilityPolicy, QoSProfile, ReliabilityPolicy, HistoryPolicy,
+                       qos_profile_sensor_data)
+from rclpy.qos_event import SubscriptionEventCallbacks, PublisherEventCallbacks
+from rclpy.qos_overriding_options import QoSOverridingOptions
+from sensor_msgs.msg import CameraInfo, Image
+
+from perception2d_ros.core.flow import ApproximateSync, ErrorReporter, LatestSlot, error_key
+from perception2d_ros.core.pipeline import Frame, Pipeline, build_pipeline, merge_config
+from perception2d_ros.ros import conversions as conv
+from perception2d_ros.ros.publishing import frame_messages
+
+LATCHED = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE,
+                     durability=DurabilityPolicy.TRANSIENT_LOCAL,
+                     history=HistoryPolicy.KEEP_LAST)
+RESULTS = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE,
+                     history=HistoryPolicy.KEEP_LAST)
+
+NODE_KINDS: dict[str, dict[str, Any]] = {
+    # stages, input: raw = image_raw + camera_info (synced); rect = image_rect (+ camera_info_rect)
+    "rectify_node": {"stages": ["rectify"], "input": "raw"},
+    "detector_node": {"stages": ["detect"], "input": "rect"},
+    "pipeline_node": {"stages": ["rectify", "detect"], "input": "raw"},
+}
+
+
+def _desc(text: str, read_only: bool = False) -> ParameterDescriptor:
+    return ParameterDescriptor(description=text, read_only=read_only)
+
+
+class PerceptionNode(LifecycleNode):
+    def __init__(self, kind: str = "pipeline_node", node_name: str | None = None,
+                 **kwargs: Any) -> None:
+        super().__init__(node_name or kind, **kwargs)
+        self.kind = kind
+        spec = NODE_KINDS[kind]
+        d = merge_config({"stages": spec["stages"]})
+        self._declare(d, spec)
+        self.errors = ErrorReporter(lambda m: self.get_logger().error(m))
+        self.pipeline: Pipeline | None = None
+        self.cameras = conv.CameraModelCache()
+        self.slot: LatestSlot[tuple[Image, CameraInfo | None]] = LatestSlot()
+        self._subs: list[Any] = []
+        self._pubs: dict[str, Any] = {}
+        self._worker: threading.Thread | None = None
+        self._running = False
+        self._timings: dict[str, deque[float]] = {}
+        self._latency: deque[float] = deque(maxlen=200)
+        self.frames_in = 0
+        self.frames_out = 0
+        self._last_stamp: dict[str, int] = {}
+        self._rect_info: CameraInfo | None = None
+        self._diag_timer = None
+        self.add_on_set_parameters_callback(self._on_set_parameters)
+        if self.get_parameter("autostart").value:
+            self.trigger_configure()
+            if self._state_machine.current_state[1] == "inactive":
+                self.trigger_activate()
+
+    # ----------------------------------------------------------------- parameters
+    def _declare(self, d: dict[str, Any], spec: dict[str, Any]) -> None:
+        p = self.declare_parameter
+        p("stages", d["stages"], _desc("stages to run, in order: rectify, detect, sam, clip, lseg"))
+        p("input", spec["input"], _desc("raw: image_raw + camera_info (synced); rect: image_rect"
+                                        " (+ camera_info_rect for ground positions)"))
+        p("autostart", True, _desc("configure and activate on start (no lifecycle manager)"))
+        p("interpolation", d["interpolation"], _desc("rectification: nearest|linear|cubic|area|lanczos"))
+        p("models_dir", d["models_dir"], _desc("models directory ('' = default)"))
+        p("image_reliability", "best_effort",
+          _desc("image subscription reliability: best_effort (sensor data) or reliable"))
+        p("sync_slop_ms", 20.0, _desc("max image/camera_info stamp difference"))
+        p("publish_debug_image", False, _desc("publish the annotated debug_image"))
+        p("diagnostics_period_s", 1.0, _desc("period of /diagnostics"))
+        for key, value in d["detect"].items():
+            p(f"detect.{key}", value if value != [] else [""],
+              _desc(f"detector {key}"))
+        for key, value in d["extrinsics"].items():
+            p(f"extrinsics.{key}", value, _desc(f"camera pose in the base frame: {key}"))
+
+    def _config_from_params(self) -> dict[str, Any]:
+        g = lambda n: self.get_parameter(n).value  # noqa: E731
+        cfg = merge_config({
+            "stages": list(g("stages")),
+            "interpolation": g("interpolation"),
+            "models_dir": g("models_dir"),
+            "detect": {k: g(f"detect.{k}") for k in merge_config(None)["detect"]},
+            "extrinsics": {k: g(f"extrinsics.{k}") for k in merge_config(None)["extrinsics"]},
+        })
+        cfg["detect"]["classes"] = [c for c in cfg["detect"]["classes"] if c]
+        cfg["extrinsics"]["translation"] = list(cfg["extrinsics"]["translation"])
+        cfg["extrinsics"]["rotation_rpy"] = list(cfg["extrinsics"]["rotation_rpy"])
+        return cfg
+
+    def _on_set_parameters(self, params: Sequence[Any]) -> SetParametersResult:
+        for prm in params:
+            if prm.name == "input" and prm.value not in ("raw", "rect"):
+                return SetParametersResult(successful=False,
+                                           reason=f"input: '{prm.value}' must be raw or rect")
+            if prm.name in ("detect.conf_threshold", "detect.iou_threshold") and \
+                    not 0.0 <= float(prm.value) <= 1.0:
+                return SetParametersResult(successful=False,
+                                           reason=f"{prm.name}: {prm.value} is outside [0, 1]")
+        return SetParametersResult(successful=True)
+
+    # ----------------------------------------------------------------- lifecycle
+    def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
+        try:
+            self.cfg = self._config_from_params()
+            self.pipeline = build_pipeline(self.cfg, log=self.get_logger().info)
+        except Exception as exc:  # a model/parameter problem: stay unconfigured, say why
+            self.get_logger().error(f"configure failed: {exc}")
+            return TransitionCallbackReturn.FAILURE
+        names = self.pipeline.names
+        if "rectify" in names:
+            self._pubs["image_rect"] = self.create_publisher(Image, "image_rect", qos_profile_sensor_data)
+            self._pubs["camera_info_rect"] = self.create_publisher(CameraInfo, "camera_info_rect",
+                                                                   qos_profile_sensor_data)
+        if "detect" in names:
+            from vision_msgs.msg import Detection2DArray, LabelInfo
+            from perception2d_interfaces.msg import GroundPositionArray
+
+            self._pubs["detections"] = self.create_publisher(Detection2DArray, "detections", RESULTS)
+            self._pubs["detections/label_info"] = self.create_publisher(
+                LabelInfo, "detections/label_info", LATCHED)
+            if self.cfg["extrinsics"]["enabled"]:
+                self._pubs["detections/ground"] = self.create_publisher(
+                    GroundPositionArray, "detections/ground", RESULTS)
+        if self.get_parameter("publish_debug_image").value:
+            self._pubs["debug_image"] = self.create_publisher(Image, "debug_image",
+                                                              qos_profile_sensor_data)
+        self._diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
+        self.get_logger().info(f"configured stages {names}")
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        input_mode = self.get_parameter("input").value
+        rel = self.get_parameter("image_reliability").value
+        qos = QoSProfile(depth=2, history=HistoryPolicy.KEEP_LAST,
+                         reliability=ReliabilityPolicy.RELIABLE if rel == "reliable"
+                         else ReliabilityPolicy.BEST_EFFORT)
+        events = SubscriptionEventCallbacks(incompatible_qos=self._on_incompatible_qos)
+        override = QoSOverridingOptions.with_default_policies()
+        slop = int(self.get_parameter("sync_slop_ms").value * 1e6)
+        if input_mode == "raw":
+            self.sync = ApproximateSync(self._on_pair, slop_ns=slop)
+            self._subs.append(self.create_subscription(
+                Image, "image_raw", self._on_image, qos, event_callbacks=events,
+                qos_overriding_options=override))
+            self._subs.append(self.create_subscription(
+                CameraInfo, "camera_info", self.sync.add_info, qos, event_callbacks=events))
+        else:
+            self.sync = None
+            self._subs.append(self.create_subscription(
+                Image, "image_rect", self._on_rect_image, qos, event_callbacks=events,
+                qos_overriding_options=override))
+            self._subs.append(self.create_subscription(
+                CameraInfo, "camera_info_rect", self._on_rect_info, qos, event_callbacks=events))
+        self._publish_label_info()
+        self._running = True
+        self.slot = LatestSlot()
+        self._worker = threading.Thread(target=self._work, name=f"{self.get_name()}-worker",
+                                        daemon=True)
+        self._worker.start()
+        period = float(self.get_parameter("diagnostics_period_s").value)
+        self._diag_timer = self.create_timer(period, self._publish_diagnostics)
+        self._warn_publisher_qos()
+        return super().on_activate(state)
+
+    def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self._stop_worker()
+        for sub in self._subs:
+            self.destroy_subscription(sub)
+        self._subs.clear()
+        if self._diag_timer is not None:
+            self.destroy_timer(self._diag_timer)
+            self._diag_timer = None
+        return super().on_deactivate(state)
+
+    def on_cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:
+        for pub in self._pubs.values():
+            self.destroy_publisher(pub)
+        self._pubs.clear()
+        self._release_pipeline()
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_shutdown(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self._stop_worker()
+        self._release_pipeline()
+        return TransitionCallbackReturn.SUCCESS
+
+    def _release_pipeline(self) -> None:
+        if self.pipeline is not None:
+            for stage in self.pipeline.stages:
+                engine = getattr(getattr(stage, "detector", None), "engine", None)
+                if engine is not None:
+                    engine.close()
+        self.pipeline = None
+
+    def _stop_worker(self) -> None:
+        self._running = False
+        self.slot.close()
+        if self._worker is not None:
+            self._worker.join(timeout=5.0)
+            self._worker = None
+
+    # ----------------------------------------------------------------- inputs
+    def _on_incompatible_qos(self, event: Any) -> None:
+        self.errors.report("qos", f"incompatible QoS with a publisher (policy "
+                                  f"{event.last_policy_kind}): no messages will arrive; set "
+                                  "image_reliability or the publisher's QoS to match")
+
+    def _warn_publisher_qos(self) -> None:
+        if self.get_parameter("image_reliability").value != "reliable":
+            return  # best effort accepts both
+        for sub in self._subs:
+            for info in self.get_publishers_info_by_topic(sub.topic_name):
+                if info.qos_profile.reliability == ReliabilityPolicy.BEST_EFFORT:
+                    self.get_logger().warning(
+                        f"{sub.topic_name}: publisher {info.node_name} is best-effort but this "
+                        "subscription is reliable; no messages will arrive")
+
+    def _on_image(self, msg: Image) -> None:
+        self.frames_in += 1
+        self.sync.add_image(msg)
+        if self.sync.unmatched_images and self.sync.last_info_time is None:
+            self.errors.report("camera_info", "camera_info: none received on "
+                               f"{self.resolve_topic_name('camera_info')}; images are waiting "
+                               "(rectification needs the calibration)")
+
+    def _on_pair(self, image: Image, info: CameraInfo) -> None:
+        self.slot.put((image, info))
+
+    def _on_rect_info(self, msg: CameraInfo) -> None:
+        self._rect_info = msg
+
+    def _on_rect_image(self, msg: Image) -> None:
+        self.frames_in += 1
+        self.slot.put((msg, self._rect_info))
+
+    # ----------------------------------------------------------------- work
+    def _work(self) -> None:
+        while self._running and rclpy.ok():
+            item = self.slot.take(timeout=0.2)
+            if item is None:
+                continue
+            image_msg, info_msg = item
+            t_in = time.monotonic()
+            try:
+                self._process(image_msg, info_msg)
+            except Exception as exc:  # bad input or a stage failure: log, count, go on
+                self.errors.report(error_key(exc), f"frame {image_msg.header.stamp.sec}."
+                                   f"{image_msg.header.stamp.nanosec:09d} dropped: {exc}")
+            self._latency.append(time.monotonic() - t_in)
+
+    def _process(self, image_msg: Image, info_msg: CameraInfo | None) -> None:
+        stamp = conv.stamp_to_ns(image_msg.header.stamp)
+        fid = image_msg.header.frame_id
+        last = self._last_stamp.get(fid)
+        if last is not None and stamp <= last:
+            self.errors.report("header.stamp", f"header.stamp: {stamp} ns is not newer than the "
+                               f"previous frame ({last} ns) on frame_id '{fid}'; processed anyway")
+        self._last_stamp[fid] = stamp
+        if len(self._last_stamp) > 1 and fid not in ("",):
+            pass
+        image = conv.image_msg_to_array(image_msg)
+        camera = None
+        if info_msg is not None:
+            if (info_msg.width, info_msg.height) != (image_msg.width, image_msg.height):
+                raise ValueError(f"camera_info: size {info_msg.width}x{info_msg.height} does not "
+                                 f"match image {image_msg.width}x{image_msg.height}")
+            camera = self.cameras.get(info_msg)
+        frame = Frame(image=image, encoding=image_msg.encoding, stamp_ns=stamp, frame_id=fid,
+                      camera=camera)
+        assert self.pipeline is not None
+        self.pipeline.run(frame)
+        e = self.cfg["extrinsics"]
+        for topic, msg in frame_messages(frame, image_msg.header, base_frame=e["parent_frame"],
+                                         plane_height=float(e["plane_height"]),
+                                         debug_image="debug_image" in self._pubs):
+            pub = self._pubs.get(topic)
+            if pub is not None:
+                pub.publish(msg)
+        self.frames_out += 1
+        for k, v in frame.timings.items():
+            self._timings.setdefault(k, deque(maxlen=200)).append(v)
+
+    # ----------------------------------------------------------------- outputs
+    def _publish_label_info(self) -> None:
+        pub = self._pubs.get("detections/label_info")
+        if pub is None or self.pipeline is None:
+            return
+        det = next(s for s in self.pipeline.stages if s.name == "detect").detector
+        from std_msgs.msg import Header
+
+        pub.publish(conv.label_info_msg(det.class_names, Header(frame_id=""),
+                                        threshold=float(self.cfg["detect"]["conf_threshold"])))
+
+    def diagnostics(self) -> dict[str, str]:
+        values = {"frames_in": str(self.frames_in), "frames_out": str(self.frames_out),
+                  "dropped_newest_wins": str(self.slot.dropped),
+                  "stages": ",".join(self.pipeline.names if self.pipeline else [])}
+        if self.sync is not None:
+            values["unmatched_images"] = str(self.sync.unmatched_images)
+        for k, v in sorted(self._timings.items()):
+            arr = np.asarray(v) * 1e3
+            values[f"{k}_ms_p50"] = f"{np.percentile(arr, 50):.2f}"
+            values[f"{k}_ms_p95"] = f"{np.percentile(arr, 95):.2f}"
+        for k, n in sorted(self.errors.counts.items()):
+            values[f"errors.{k}"] = str(n)
+        return values
+
+    def _publish_diagnostics(self) -> None:
+        values = self.diagnostics()
+        errors = sum(self.errors.counts.values())
+        status = DiagnosticStatus(
+            level=DiagnosticStatus.OK if not errors else DiagnosticStatus.WARN,
+            name=f"perception2d: {self.get_fully_qualified_name()}",
+            message="ok" if not errors else f"{errors} bad inputs so far",
+            hardware_id=self.get_namespace(),
+            values=[KeyValue(key=k, value=v) for k, v in values.items()])
+        msg = DiagnosticArray(status=[status])
+        msg.header.stamp = self.get_clock().now().to_msg()
+        self._diag_pub.publish(msg)
+
+
+def run_nodes(nodes: Sequence[Any]) -> None:
+    """Spin nodes in a multi-threaded executor until shutdown; clean exit on Ctrl-C."""
+    from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+
+    executor = MultiThreadedExecutor()
+    for n in nodes:
+        executor.add_node(n)
+    try:
+        executor.spin()
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    finally:
+        for n in nodes:
+            n.destroy_node()
+        rclpy.try_shutdown()
+
+
+def main_for(kind: str, args: Sequence[str] | None = None) -> None:
+    rclpy.init(args=args)
+    run_nodes([PerceptionNode(kind)])

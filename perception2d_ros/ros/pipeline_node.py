@@ -1,0 +1,10 @@
+"""`pipeline_node`: PerceptionNode with the pipeline defaults (see perception_node.NODE_KINDS)."""
+from perception2d_ros.ros.perception_node import main_for
+
+
+def main(args=None) -> None:
+    main_for("pipeline_node", args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,52 @@
+"""Frame results → (relative topic, message) pairs. Used by the live nodes and by the
+offline ``perception2d process`` tool, so both emit identical messages."""
+from __future__ import annotations
+
+from typing import Any
+
+from std_msgs.msg import Header
+
+from perception2d_ros.core.pipeline import Frame
+from perception2d_ros.ros import conversions as conv
+
+# relative topic → message type name (for bag writers and subscribers)
+TOPIC_TYPES = {
+    "image_rect": "sensor_msgs/msg/Image",
+    "camera_info_rect": "sensor_msgs/msg/CameraInfo",
+    "detections": "vision_msgs/msg/Detection2DArray",
+    "detections/label_info": "vision_msgs/msg/LabelInfo",
+    "detections/ground": "perception2d_interfaces/msg/GroundPositionArray",
+    "masks": "sensor_msgs/msg/Image",
+    "masks/detections": "vision_msgs/msg/Detection2DArray",
+    "labels": "sensor_msgs/msg/Image",
+    "labels/label_info": "vision_msgs/msg/LabelInfo",
+    "clip/labels": "vision_msgs/msg/Classification",
+    "debug_image": "sensor_msgs/msg/Image",
+}
+
+
+def frame_messages(frame: Frame, header: Header, *, base_frame: str = "base_link",
+                   plane_height: float = 0.0, debug_image: bool = False) -> list[tuple[str, Any]]:
+    """Messages for everything the frame's stages produced, headers equal to ``header``."""
+    out: list[tuple[str, Any]] = []
+    if frame.rectified is not None:
+        out.append(("image_rect", conv.array_to_image_msg(frame.rectified,
+                                                          frame.rectified_encoding, header)))
+        out.append(("camera_info_rect",
+                    conv.camera_info_msg(frame.camera.rectified_camera_info_dict(), header)))
+    if frame.detections is not None:
+        extra = getattr(frame.clip, "hypotheses", None) if frame.clip is not None else None
+        out.append(("detections", conv.detections_msg(frame.detections, header,
+                                                      extra_hypotheses=extra)))
+        if frame.ground is not None:
+            out.append(("detections/ground", conv.ground_msg(
+                frame.detections, frame.ground, header, base_frame, plane_height)))
+    for extra_stage in ("masks", "clip", "labels"):
+        result = getattr(frame, extra_stage)
+        if result is not None and hasattr(result, "to_messages"):
+            out.extend(result.to_messages(frame, header))
+    if debug_image:
+        from perception2d_ros.core.debug_draw import draw_frame
+
+        out.append(("debug_image", conv.array_to_image_msg(draw_frame(frame), "bgr8", header)))
+    return out

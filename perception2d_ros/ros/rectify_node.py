@@ -1,0 +1,10 @@
+"""`rectify_node`: PerceptionNode with the rectify defaults (see perception_node.NODE_KINDS)."""
+from perception2d_ros.ros.perception_node import main_for
+
+
+def main(args=None) -> None:
+    main_for("rectify_node", args)
+
+
+if __name__ == "__main__":
+    main()
