@@ -126,11 +126,29 @@ def register_msg_dir(typestore: Any, package_dir: str | os.PathLike[str]) -> lis
             types.update(get_types_from_msg(msg_file.read_text(encoding="utf-8"), name))
         except Exception as exc:  # rosbags raises its own parser errors
             raise ValueError(f"cannot parse {msg_file} as {name}: {exc}") from exc
+    known = set(typestore.fielddefs) | set(types)
+    for name, (_consts, fields) in types.items():
+        missing = sorted(ref for ref in _referenced_types(fields) if ref not in known)
+        if missing:
+            raise ValueError(f"{name} ({msg_dir}) uses unknown types {missing}")
     try:
         typestore.register(types)
     except Exception as exc:
         raise ValueError(f"cannot register the messages of {pkg_dir}: {exc}") from exc
     return sorted(types)
+
+
+def _referenced_types(fields: Iterable[Any]) -> set[str]:
+    """Message type names a rosbags field list refers to (directly or as array elements)."""
+    from rosbags.interfaces import Nodetype
+
+    refs: set[str] = set()
+    for _name, (nodetype, spec) in fields:
+        if nodetype in (Nodetype.ARRAY, Nodetype.SEQUENCE):
+            nodetype, spec = spec[0]
+        if nodetype == Nodetype.NAME:
+            refs.add(spec)
+    return refs
 
 
 def find_interface_dirs(root: str | os.PathLike[str] | None = None) -> list[Path]:
@@ -170,12 +188,14 @@ def _ensure_msgtype(typestore: Any, msgtype: str) -> None:
     """Make sure ``msgtype`` is known, registering the project's interfaces if needed."""
     if msgtype in typestore.fielddefs:
         return
-    for pkg in find_interface_dirs():
+    if find_interface_dirs():
         try:
-            register_msg_dir(typestore, pkg)
+            project = make_typestore(find_interface_dirs())
         except ValueError:
-            continue  # an unrelated package that does not parse on its own
-        if msgtype in typestore.fielddefs:
+            project = None  # a broken project package must not break unrelated topics
+        if project is not None and msgtype in project.fielddefs:
+            typestore.register({name: project.fielddefs[name] for name in project.fielddefs
+                                if name not in typestore.fielddefs})
             return
     raise KeyError(
         f"message type {msgtype!r} is unknown to the ROS2_KILTED typestore; pass the "

@@ -128,11 +128,16 @@ class ErrorReporter:
         return True
 
 
+_FIELD_RE = None
+
+
 def error_key(exc: BaseException) -> str:
-    """A stable key for an error: the field it names ('camera_info.k', 'encoding' …) when
-    the message starts with one, else the exception type."""
-    text = str(exc)
-    head = text.split(":", 1)[0].strip()
-    if head and " " not in head and len(head) < 48:
-        return head
-    return type(exc).__name__
+    """A stable key for an error: the message field it names ('image.step',
+    'camera_info.k', 'header.stamp' …) when there is one, else the exception type."""
+    import re
+
+    global _FIELD_RE
+    if _FIELD_RE is None:
+        _FIELD_RE = re.compile(r"\b((?:image|camera_info|header)(?:\.[a-z_]+)+)")
+    m = _FIELD_RE.search(str(exc))
+    return m.group(1) if m else type(exc).__name__

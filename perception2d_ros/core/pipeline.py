@@ -83,7 +83,7 @@ class RectifyStage:
 
     def process(self, frame: Frame) -> None:
         if frame.camera is None:
-            raise ValueError("camera_info: no calibration for this frame; rectify needs one")
+            raise ValueError("camera_info.k: no calibration for this frame; rectify needs one")
         t0 = time.perf_counter()
         image, encoding = frame.image, frame.encoding
         if encoding.startswith("bayer_") or encoding.startswith("yuv422"):
@@ -93,7 +93,7 @@ class RectifyStage:
         cam = frame.camera
         if (image.shape[1], image.shape[0]) != (cam.width, cam.height):
             raise ValueError(
-                f"camera_info: size {cam.width}x{cam.height} does not match image "
+                f"camera_info.size {cam.width}x{cam.height} does not match image "
                 f"{image.shape[1]}x{image.shape[0]}")
         if cam.is_identity:
             frame.rectified = image

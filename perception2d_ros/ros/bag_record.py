@@ -90,6 +90,7 @@ def record(
     handle_signals: bool = False,
     progress: bool = False,
     msg_dirs: Iterable[str | os.PathLike[str]] = (),
+    on_message: Callable[[str], None] | None = None,
 ) -> dict[str, int]:
     """Record ``topics`` into a bag until stopped.
 
@@ -114,6 +115,7 @@ def record(
         handle_signals: stop cleanly on SIGINT/SIGTERM (main thread only).
         progress: show a tqdm counter on stderr.
         msg_dirs: interface package dirs for types not in the ROS2_KILTED typestore.
+        on_message: called with the topic name after each recorded message (progress).
 
     Returns:
         Messages recorded per topic.
@@ -157,6 +159,8 @@ def record(
                         return
                     writer.write(_topic, clock.now().nanoseconds, data)
                     bar.update(1)
+                    if on_message is not None:
+                        on_message(_topic)
                     if max_messages is not None and writer.message_count >= max_messages:
                         done.set()
 

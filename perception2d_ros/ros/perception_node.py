@@ -24,14 +24,14 @@ from rcl_interfaces.msg import ParameterDescriptor, SetParametersResult
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from rclpy.qos import (DurabilityPolicy, QoSProfile, ReliabilityPolicy, HistoryPolicy,
                        qos_profile_sensor_data)
-from rclpy.qos_event import SubscriptionEventCallbacks, PublisherEventCallbacks
+from rclpy.event_handler import SubscriptionEventCallbacks
 from rclpy.qos_overriding_options import QoSOverridingOptions
 from sensor_msgs.msg import CameraInfo, Image
 
 from perception2d_ros.core.flow import ApproximateSync, ErrorReporter, LatestSlot, error_key
 from perception2d_ros.core.pipeline import Frame, Pipeline, build_pipeline, merge_config
 from perception2d_ros.ros import conversions as conv
-from perception2d_ros.ros.publishing import frame_messages
+from perception2d_ros.ros.publishing import FrameRunner
 
 LATCHED = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE,
                      durability=DurabilityPolicy.TRANSIENT_LOCAL,
@@ -61,7 +61,6 @@ class PerceptionNode(LifecycleNode):
         self._declare(d, spec)
         self.errors = ErrorReporter(lambda m: self.get_logger().error(m))
         self.pipeline: Pipeline | None = None
-        self.cameras = conv.CameraModelCache()
         self.slot: LatestSlot[tuple[Image, CameraInfo | None]] = LatestSlot()
         self._subs: list[Any] = []
         self._pubs: dict[str, Any] = {}
@@ -152,6 +151,8 @@ class PerceptionNode(LifecycleNode):
             self._pubs["debug_image"] = self.create_publisher(Image, "debug_image",
                                                               qos_profile_sensor_data)
         self._diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
+        self.runner = FrameRunner(self.pipeline, self.cfg,
+                                  debug_image="debug_image" in self._pubs)
         self.get_logger().info(f"configured stages {names}")
         return TransitionCallbackReturn.SUCCESS
 
@@ -245,10 +246,14 @@ class PerceptionNode(LifecycleNode):
     def _on_image(self, msg: Image) -> None:
         self.frames_in += 1
         self.sync.add_image(msg)
-        if self.sync.unmatched_images and self.sync.last_info_time is None:
+        last = self.sync.last_info_time
+        if (last is None and self.frames_in >= 3) or \
+                (last is not None and time.monotonic() - last > 2.0):
             self.errors.report("camera_info", "camera_info: none received on "
-                               f"{self.resolve_topic_name('camera_info')}; images are waiting "
-                               "(rectification needs the calibration)")
+                               f"{self.resolve_topic_name('camera_info')}"
+                               + ("" if last is None else
+                                  f" for {time.monotonic() - last:.1f} s")
+                               + "; images wait for their calibration (rectification needs it)")
 
     def _on_pair(self, image: Image, info: CameraInfo) -> None:
         self.slot.put((image, info))
@@ -262,7 +267,7 @@ class PerceptionNode(LifecycleNode):
 
     # ----------------------------------------------------------------- work
     def _work(self) -> None:
-        while self._running and rclpy.ok():
+        while self._running and self.context.ok():
             item = self.slot.take(timeout=0.2)
             if item is None:
                 continue
@@ -282,24 +287,12 @@ class PerceptionNode(LifecycleNode):
         if last is not None and stamp <= last:
             self.errors.report("header.stamp", f"header.stamp: {stamp} ns is not newer than the "
                                f"previous frame ({last} ns) on frame_id '{fid}'; processed anyway")
+        if self._last_stamp and fid not in self._last_stamp:
+            self.errors.report("header.frame_id", f"header.frame_id: '{fid}' differs from the "
+                               f"stream's {sorted(self._last_stamp)}; processed anyway")
         self._last_stamp[fid] = stamp
-        if len(self._last_stamp) > 1 and fid not in ("",):
-            pass
-        image = conv.image_msg_to_array(image_msg)
-        camera = None
-        if info_msg is not None:
-            if (info_msg.width, info_msg.height) != (image_msg.width, image_msg.height):
-                raise ValueError(f"camera_info: size {info_msg.width}x{info_msg.height} does not "
-                                 f"match image {image_msg.width}x{image_msg.height}")
-            camera = self.cameras.get(info_msg)
-        frame = Frame(image=image, encoding=image_msg.encoding, stamp_ns=stamp, frame_id=fid,
-                      camera=camera)
-        assert self.pipeline is not None
-        self.pipeline.run(frame)
-        e = self.cfg["extrinsics"]
-        for topic, msg in frame_messages(frame, image_msg.header, base_frame=e["parent_frame"],
-                                         plane_height=float(e["plane_height"]),
-                                         debug_image="debug_image" in self._pubs):
+        frame, msgs = self.runner.run(image_msg, info_msg)
+        for topic, msg in msgs:
             pub = self._pubs.get(topic)
             if pub is not None:
                 pub.publish(msg)
@@ -309,14 +302,10 @@ class PerceptionNode(LifecycleNode):
 
     # ----------------------------------------------------------------- outputs
     def _publish_label_info(self) -> None:
-        pub = self._pubs.get("detections/label_info")
-        if pub is None or self.pipeline is None:
-            return
-        det = next(s for s in self.pipeline.stages if s.name == "detect").detector
-        from std_msgs.msg import Header
-
-        pub.publish(conv.label_info_msg(det.class_names, Header(frame_id=""),
-                                        threshold=float(self.cfg["detect"]["conf_threshold"])))
+        for topic, msg in self.runner.label_info():
+            pub = self._pubs.get(topic)
+            if pub is not None:
+                pub.publish(msg)
 
     def diagnostics(self) -> dict[str, str]:
         values = {"frames_in": str(self.frames_in), "frames_out": str(self.frames_out),

@@ -50,3 +50,44 @@ def frame_messages(frame: Frame, header: Header, *, base_frame: str = "base_link
 
         out.append(("debug_image", conv.array_to_image_msg(draw_frame(frame), "bgr8", header)))
     return out
+
+
+class FrameRunner:
+    """Image (+ camera_info) message → pipeline → output messages. The live nodes and the
+    offline ``process`` tool both use this, so they produce identical outputs."""
+
+    def __init__(self, pipeline: Any, cfg: dict[str, Any], debug_image: bool = False) -> None:
+        self.pipeline = pipeline
+        self.cfg = cfg
+        self.debug_image = debug_image
+        self.cameras = conv.CameraModelCache()
+
+    def run(self, image_msg: Any, info_msg: Any) -> tuple[Frame, list[tuple[str, Any]]]:
+        """Raises ValueError naming the field for bad input (nothing is published then)."""
+        image = conv.image_msg_to_array(image_msg)
+        camera = None
+        if info_msg is not None:
+            if (info_msg.width, info_msg.height) != (image_msg.width, image_msg.height):
+                raise ValueError(f"camera_info.size {info_msg.width}x{info_msg.height} does not "
+                                 f"match image {image_msg.width}x{image_msg.height}")
+            camera = self.cameras.get(info_msg)
+        frame = Frame(image=image, encoding=image_msg.encoding,
+                      stamp_ns=conv.stamp_to_ns(image_msg.header.stamp),
+                      frame_id=image_msg.header.frame_id, camera=camera)
+        self.pipeline.run(frame)
+        e = self.cfg["extrinsics"]
+        msgs = frame_messages(frame, image_msg.header, base_frame=e["parent_frame"],
+                              plane_height=float(e["plane_height"]), debug_image=self.debug_image)
+        return frame, msgs
+
+    def label_info(self) -> list[tuple[str, Any]]:
+        """Latched LabelInfo messages for the stages that have a class list."""
+        from std_msgs.msg import Header
+
+        out = []
+        for stage in self.pipeline.stages:
+            if stage.name == "detect":
+                out.append(("detections/label_info", conv.label_info_msg(
+                    stage.detector.class_names, Header(frame_id=""),
+                    threshold=float(self.cfg["detect"]["conf_threshold"]))))
+        return out

@@ -1,0 +1,72 @@
+"""``perception2d bringup`` — the pip-only equivalent of ``ros2 launch perception2d
+bringup.launch.py``: the same node list, each node in its own process with the same
+``--ros-args``. Ctrl-C / SIGTERM stops them all."""
+from __future__ import annotations
+
+import argparse
+import signal
+import subprocess
+import sys
+import time
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bringup", help="start the perception nodes (pip-only launch)")
+    p.add_argument("--params-file", default=None, help="params YAML (default: config/perception2d.yaml)")
+    p.add_argument("--namespace", default="/camera")
+    p.add_argument("--pipeline", default="true", choices=["true", "false"],
+                   help="one process for all stages (true) or one node per stage")
+    p.add_argument("--image-topic", default="image_raw")
+    p.add_argument("--camera-info-topic", default="camera_info")
+    p.add_argument("--use-sim-time", action="store_true")
+    p.add_argument("--log-level", default="info")
+    p.add_argument("--print", action="store_true", help="print the node commands and exit")
+    p.set_defaults(func=run, accepts_ros_args=True)
+
+
+def commands(args: argparse.Namespace) -> list[list[str]]:
+    from perception2d_ros.bringup import node_list
+
+    extra = [a for a in getattr(args, "ros_args", []) if a != "--ros-args"]
+    cmds = []
+    for spec in node_list(pipeline=args.pipeline == "true", params_file=args.params_file,
+                          image_topic=args.image_topic, camera_info_topic=args.camera_info_topic):
+        cmds.append([sys.executable, "-m", spec.module]
+                    + spec.ros_args(args.namespace, args.use_sim_time, args.log_level) + extra)
+    return cmds
+
+
+def run(args: argparse.Namespace) -> int:
+    cmds = commands(args)
+    if args.print:
+        for c in cmds:
+            print(" ".join(c))
+        return 0
+    procs = [subprocess.Popen(c) for c in cmds]
+    stopping = False
+
+    def stop(signum, frame):  # noqa: ANN001
+        nonlocal stopping
+        stopping = True
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGINT)
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    rc = 0
+    while any(p.poll() is None for p in procs):
+        time.sleep(0.2)
+        for p in procs:
+            if p.poll() not in (None, 0) and not stopping:
+                print(f"perception2d bringup: {p.args[2]} exited with {p.returncode}; "
+                      "stopping the others", file=sys.stderr)
+                rc = p.returncode
+                stop(None, None)
+    deadline = time.monotonic() + 10
+    for p in procs:
+        try:
+            p.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+    return rc

@@ -1,0 +1,126 @@
+"""``perception2d process IN_BAG -o OUT.mcap [--params-file FILE]``: run the pipeline over a
+recorded bag as fast as it can, without DDS. Writes the input topics it used plus every output
+topic (same names and types as live; output headers equal their input frame's header)."""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("process", help="run the pipeline over a recorded bag (offline)")
+    p.add_argument("bag", help="input bag (.mcap, .db3 or rosbag2 directory)")
+    p.add_argument("-o", "--output", required=True, help="output bag (.mcap)")
+    p.add_argument("--params-file", default=None)
+    p.add_argument("--namespace", default=None,
+                   help="camera namespace (default: the one of the bag's */image_raw topic)")
+    p.add_argument("--debug-image", action="store_true", help="also write debug_image")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from perception2d_ros.bringup import pipeline_config
+
+    cfg = pipeline_config(args.params_file)
+    stats = process_bag(args.bag, args.output, cfg, namespace=args.namespace,
+                        debug_image=args.debug_image, overwrite=args.overwrite)
+    print(f"processed {stats['frames_out']}/{stats['frames_in']} frames "
+          f"({stats['errors']} rejected) in {stats['seconds']:.1f} s -> {args.output}")
+    return 0 if stats["frames_out"] else 1
+
+
+def process_bag(in_path: str | Path, out_path: str | Path, cfg: dict, *,
+                namespace: str | None = None, debug_image: bool = False,
+                overwrite: bool = False, progress: bool = True) -> dict:
+    from rclpy.serialization import deserialize_message, serialize_message
+    from sensor_msgs.msg import CameraInfo, Image
+    from tqdm import tqdm
+
+    from perception2d_ros.core.bagio import BagReader, BagWriter, find_interface_dirs
+    from perception2d_ros.core.flow import ApproximateSync
+    from perception2d_ros.core.pipeline import build_pipeline
+    from perception2d_ros.ros.publishing import TOPIC_TYPES, FrameRunner
+
+    msg_dirs = find_interface_dirs()
+    pipeline = build_pipeline(cfg, log=lambda m: print(m, file=sys.stderr))
+    runner = FrameRunner(pipeline, cfg, debug_image=debug_image)
+    raw_input = "rectify" in pipeline.names
+    with BagReader(in_path, msg_dirs=msg_dirs) as reader:
+        topics = reader.topics
+        image_topic = _find(topics, "/image_raw" if raw_input else "/image_rect", namespace)
+        info_topic = _find(topics, "/camera_info" if raw_input else "/camera_info_rect",
+                           namespace, required=raw_input)
+        ns = image_topic.rsplit("/", 1)[0]
+        with BagWriter(out_path, msg_dirs=msg_dirs, overwrite=overwrite) as writer:
+            for t in (image_topic, info_topic):
+                if t:
+                    writer.add_topic(t, topics[t].msgtype)
+            declared: set[str] = set()
+
+            def emit(rel: str, msg, stamp_ns: int) -> None:
+                topic = f"{ns}/{rel}"
+                if topic not in declared:
+                    writer.add_topic(topic, TOPIC_TYPES[rel])
+                    declared.add(topic)
+                writer.write(topic, stamp_ns, serialize_message(msg))
+
+            stats = {"frames_in": 0, "frames_out": 0, "errors": 0}
+            first_ts: list[int] = []
+
+            def on_pair(img_ts_raw, info) -> None:
+                ts, img = img_ts_raw
+                try:
+                    frame, msgs = runner.run(img, info)
+                except ValueError as exc:
+                    stats["errors"] += 1
+                    print(f"frame {ts} rejected: {exc}", file=sys.stderr)
+                    return
+                if not first_ts:
+                    first_ts.append(ts)
+                    for rel, msg in runner.label_info():
+                        emit(rel, msg, ts)
+                for rel, msg in msgs:
+                    emit(rel, msg, ts)
+                stats["frames_out"] += 1
+
+            sync = ApproximateSync(on_pair, stamp=lambda m: _stamp(m[1] if isinstance(m, tuple)
+                                                                   else m))
+            t0 = time.monotonic()
+            wanted = [t for t in (image_topic, info_topic) if t]
+            n_images = topics[image_topic].count
+            bar = tqdm(total=n_images, desc="process", unit="frame", disable=not progress,
+                       file=sys.stderr)
+            for msg in reader.messages(topics=wanted):
+                writer.write(msg.topic, msg.timestamp, msg.rawdata)
+                if msg.topic == image_topic:
+                    stats["frames_in"] += 1
+                    img = deserialize_message(bytes(msg.rawdata), Image)
+                    if info_topic:
+                        sync.add_image((msg.timestamp, img))
+                    else:
+                        on_pair((msg.timestamp, img), None)
+                    bar.update(1)
+                else:
+                    sync.add_info(deserialize_message(bytes(msg.rawdata), CameraInfo))
+            bar.close()
+    stats["seconds"] = time.monotonic() - t0
+    stats["unmatched"] = sync.unmatched_images + sync.pending_images
+    return stats
+
+
+def _stamp(msg) -> int:
+    return int(msg.header.stamp.sec) * 1_000_000_000 + int(msg.header.stamp.nanosec)
+
+
+def _find(topics: dict, suffix: str, namespace: str | None, required: bool = True) -> str | None:
+    cands = [t for t in topics if t.endswith(suffix)
+             and (namespace is None or t == namespace.rstrip("/") + suffix)]
+    if not cands:
+        if required:
+            raise SystemExit(f"no topic ending in {suffix} in the bag "
+                             f"(topics: {', '.join(topics)})")
+        return None
+    return sorted(cands)[0]
