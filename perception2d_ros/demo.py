@@ -202,13 +202,13 @@ def summarize(in_bag: Path, out_bag: Path, out_dir: Path, ns: str, stages: dict,
     latency = {}
     if diag:
         for key, value in diag.items():
-            if key.endswith("_ms_p50") or key.endswith("_ms_p95"):
+            if key.endswith(("_ms_p50", "_ms_p95")):
                 latency[key] = float(value)
     return {
         "input_bag": str(in_bag), "output_bag": str(out_bag), "frames_in": frames_in,
         "frames_out": len(dets), "image_rect": len(rect),
         "detections_per_class": dict(per_class.most_common()),
-        "latency_ms": latency, "backend": (diag or {}).get("backend", "unknown"),
+        "latency_ms": latency, "backend": (diag or {}).get("detect.backend", "unknown"),
         "dropped": int((diag or {}).get("dropped_newest_wins", 0)),
         "stages": stages, "annotated_pngs": str(png_dir), "seconds": round(seconds, 1),
     }

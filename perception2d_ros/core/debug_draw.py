@@ -36,6 +36,7 @@ def draw_label(img: np.ndarray, text: str, org: tuple[int, int], color: tuple[in
     scale, thick = _text_scale(img.shape[0])
     (tw, th), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, thick)
     x, y = org
+    x = max(0, min(x, img.shape[1] - tw - 4))
     y = max(y, th + base + 2)
     cv2.rectangle(img, (x, y - th - base - 2), (x + tw + 4, y), color, -1)
     lum = 0.114 * color[0] + 0.587 * color[1] + 0.299 * color[2]

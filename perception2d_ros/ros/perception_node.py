@@ -61,7 +61,7 @@ class PerceptionNode(LifecycleNode):
         self._declare(d, spec)
         self.errors = ErrorReporter(lambda m: self.get_logger().error(m))
         self.pipeline: Pipeline | None = None
-        self.slot: LatestSlot[tuple[Image, CameraInfo | None]] = LatestSlot()
+        self.slot: LatestSlot[tuple[Image, CameraInfo | None, float]] = LatestSlot()
         self._subs: list[Any] = []
         self._pubs: dict[str, Any] = {}
         self._worker: threading.Thread | None = None
@@ -72,6 +72,7 @@ class PerceptionNode(LifecycleNode):
         self.frames_out = 0
         self._last_stamp: dict[str, int] = {}
         self._rect_info: CameraInfo | None = None
+        self.sync: ApproximateSync | None = None
         self._diag_timer = None
         self.add_on_set_parameters_callback(self._on_set_parameters)
         if self.get_parameter("autostart").value:
@@ -256,14 +257,14 @@ class PerceptionNode(LifecycleNode):
                                + "; images wait for their calibration (rectification needs it)")
 
     def _on_pair(self, image: Image, info: CameraInfo) -> None:
-        self.slot.put((image, info))
+        self.slot.put((image, info, time.monotonic()))
 
     def _on_rect_info(self, msg: CameraInfo) -> None:
         self._rect_info = msg
 
     def _on_rect_image(self, msg: Image) -> None:
         self.frames_in += 1
-        self.slot.put((msg, self._rect_info))
+        self.slot.put((msg, self._rect_info, time.monotonic()))
 
     # ----------------------------------------------------------------- work
     def _work(self) -> None:
@@ -271,14 +272,13 @@ class PerceptionNode(LifecycleNode):
             item = self.slot.take(timeout=0.2)
             if item is None:
                 continue
-            image_msg, info_msg = item
-            t_in = time.monotonic()
+            image_msg, info_msg, t_recv = item
             try:
                 self._process(image_msg, info_msg)
+                self._latency.append(time.monotonic() - t_recv)
             except Exception as exc:  # bad input or a stage failure: log, count, go on
                 self.errors.report(error_key(exc), f"frame {image_msg.header.stamp.sec}."
                                    f"{image_msg.header.stamp.nanosec:09d} dropped: {exc}")
-            self._latency.append(time.monotonic() - t_in)
 
     def _process(self, image_msg: Image, info_msg: CameraInfo | None) -> None:
         stamp = conv.stamp_to_ns(image_msg.header.stamp)
@@ -311,6 +311,15 @@ class PerceptionNode(LifecycleNode):
         values = {"frames_in": str(self.frames_in), "frames_out": str(self.frames_out),
                   "dropped_newest_wins": str(self.slot.dropped),
                   "stages": ",".join(self.pipeline.names if self.pipeline else [])}
+        if self.pipeline is not None:
+            for stage in self.pipeline.stages:
+                engine = getattr(getattr(stage, "detector", None), "engine", None)
+                if engine is not None:
+                    values[f"{stage.name}.backend"] = f"{engine.backend}({engine.device})"
+        if self._latency:
+            arr = np.asarray(self._latency) * 1e3
+            values["receive_to_publish_ms_p50"] = f"{np.percentile(arr, 50):.2f}"
+            values["receive_to_publish_ms_p95"] = f"{np.percentile(arr, 95):.2f}"
         if self.sync is not None:
             values["unmatched_images"] = str(self.sync.unmatched_images)
         for k, v in sorted(self._timings.items()):
