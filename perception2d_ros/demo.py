@@ -67,7 +67,8 @@ def stage_status(params_file: Path) -> dict[str, str]:
     return status
 
 
-def run(bag: Path | None, out_dir: Path, params_file: Path, frames: int, timeout: float) -> int:
+def run(bag: Path | None, out_dir: Path, params_file: Path, frames: int, timeout: float,
+        pipeline: bool = True) -> int:
     from tqdm import tqdm
 
     from perception2d_ros.core.bagio import BagReader, bag_info, find_interface_dirs
@@ -91,7 +92,8 @@ def run(bag: Path | None, out_dir: Path, params_file: Path, frames: int, timeout
 
     bringup = subprocess.Popen(
         [sys.executable, "-m", "perception2d_ros.cli.main", "bringup", "--params-file",
-         str(params_file), "--namespace", ns], start_new_session=True)
+         str(params_file), "--namespace", ns, "--pipeline", "true" if pipeline else "false"],
+        start_new_session=True)
     stop = threading.Event()
     ready = threading.Event()
     topics = [f"{ns}/{t}" for t in OUT_TOPICS] + ["/diagnostics"]
@@ -178,7 +180,7 @@ def summarize(in_bag: Path, out_bag: Path, out_dir: Path, ns: str, stages: dict,
             elif m.topic == "/diagnostics":
                 d = deserialize_message(bytes(m.rawdata), DiagnosticArray)
                 for st in d.status:
-                    if "pipeline_node" in st.name:
+                    if "pipeline_node" in st.name or "detector_node" in st.name:
                         diag = {kv.key: kv.value for kv in st.values}
     per_class: Counter[str] = Counter()
     png_dir = out_dir / "annotated"
@@ -240,8 +242,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--params-file", type=Path, default=ROOT / "config" / "perception2d.yaml")
     p.add_argument("--frames", type=int, default=20)
     p.add_argument("--timeout", type=float, default=60.0)
+    p.add_argument("--pipeline", default="true", choices=["true", "false"],
+                   help="one process for all stages (true) or one node per stage (false)")
     a = p.parse_args(argv)
-    return run(a.bag, a.out, a.params_file, a.frames, a.timeout)
+    return run(a.bag, a.out, a.params_file, a.frames, a.timeout, a.pipeline == "true")
 
 
 if __name__ == "__main__":

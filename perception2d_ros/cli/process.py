@@ -94,14 +94,14 @@ def process_bag(in_path: str | Path, out_path: str | Path, cfg: dict, *,
             bar = tqdm(total=n_images, desc="process", unit="frame", disable=not progress,
                        file=sys.stderr)
             for msg in reader.messages(topics=wanted):
-                writer.write(msg.topic, msg.timestamp, msg.rawdata)
+                writer.write(msg.topic, msg.timestamp_ns, msg.rawdata)
                 if msg.topic == image_topic:
                     stats["frames_in"] += 1
                     img = deserialize_message(bytes(msg.rawdata), Image)
                     if info_topic:
-                        sync.add_image((msg.timestamp, img))
+                        sync.add_image((msg.timestamp_ns, img))
                     else:
-                        on_pair((msg.timestamp, img), None)
+                        on_pair((msg.timestamp_ns, img), None)
                     bar.update(1)
                 else:
                     sync.add_info(deserialize_message(bytes(msg.rawdata), CameraInfo))
