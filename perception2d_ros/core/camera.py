@@ -38,7 +38,7 @@ from __future__ import annotations
 import hashlib
 import math
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -288,9 +288,11 @@ class CameraModel:
             roi_x, roi_y = self.roi.x_offset, self.roi.y_offset
             roi_w = self.roi.width or self.width - roi_x
             roi_h = self.roi.height or self.height - roi_y
-            if roi_x + roi_w > self.width or roi_y + roi_h > self.height or roi_w <= 0 or roi_h <= 0:
+            fits = roi_x + roi_w <= self.width and roi_y + roi_h <= self.height
+            if not fits or roi_w <= 0 or roi_h <= 0:
                 raise ValueError(
-                    f"camera_info.roi {self.roi} does not fit in the {self.width}x{self.height} image"
+                    f"camera_info.roi {self.roi} does not fit in the "
+                    f"{self.width}x{self.height} image"
                 )
         img_w, img_h = roi_w // bx, roi_h // by
         if img_w <= 0 or img_h <= 0:
@@ -314,7 +316,8 @@ class CameraModel:
         self._p3_inv = _readonly(np.linalg.inv(p_eff[:, :3]))
 
         self._is_identity = bool(
-            not self._d.any()
+            distortion_model != "equidistant"  # zero-coefficient fisheye is still a fisheye
+            and not self._d.any()
             and np.array_equal(self._r, np.eye(3))
             and np.array_equal(self._p_full[:, :3], self._k_full)
         )
@@ -446,7 +449,8 @@ class CameraModel:
 
     @property
     def is_identity(self) -> bool:
-        """True when rectification is a no-op: D all zero, R = I and P[:, :3] == K."""
+        """True when rectification is a no-op: a pinhole model (not equidistant) with D all
+        zero, R = I and P[:, :3] == K (exactly)."""
         return self._is_identity
 
     @property
@@ -552,7 +556,8 @@ class CameraModel:
                 f"{self.binning_x}/{self.binning_y}, roi {self.roi})"
             )
         if out is not None:
-            if not isinstance(out, np.ndarray) or out.shape != image.shape or out.dtype != image.dtype:
+            if (not isinstance(out, np.ndarray) or out.shape != image.shape
+                    or out.dtype != image.dtype):
                 raise ValueError(
                     f"out must be an array of shape {image.shape} and dtype {image.dtype}, got "
                     f"{getattr(out, 'shape', None)} {getattr(out, 'dtype', type(out).__name__)}"
@@ -570,10 +575,11 @@ class CameraModel:
         result = cv2.remap(
             image, map1, map2, interpolation, dst=out, borderMode=cv2.BORDER_CONSTANT
         )
-        if out is not None and result is not out:  # cv2 reallocated: should not happen
-            np.copyto(out, result.reshape(out.shape))
+        if out is not None:
+            if not np.shares_memory(result, out):  # cv2 reallocated: should not happen
+                np.copyto(out, result.reshape(out.shape))
             return out
-        return result.reshape(image.shape)
+        return result.reshape(image.shape)  # cv2 drops a trailing channel axis of size 1
 
     # ------------------------------------------------------------------ points
     def _k_pinhole(self) -> np.ndarray:
@@ -697,59 +703,104 @@ def _pinhole_distort(
 def _pinhole_newton(
     xd: np.ndarray, yd: np.ndarray, c: np.ndarray, x: np.ndarray, y: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Damped Newton for ``distort(x, y) = (xd, yd)`` from ``(x, y)``. Returns the solution
-    and a mask of valid ones (residual <= _INVERSE_ACCEPT, Jacobian determinant > 0)."""
-    fx_, fy_, j00, j01, j10, j11 = _pinhole_distort(x, y, c, jacobian=True)
-    err = np.hypot(fx_ - xd, fy_ - yd)
-    err = np.where(np.isfinite(err), err, np.inf)
+    """Damped Newton for ``distort(x, y) = (xd, yd)`` starting at ``(x, y)``, iterating only
+    on the points not yet converged. Returns the solution and a mask of valid ones
+    (residual <= _INVERSE_ACCEPT and Jacobian determinant > 0, i.e. not across a fold)."""
+    x, y = x.copy(), y.copy()
+    idx = np.flatnonzero(np.isfinite(x) & np.isfinite(y))
     for _ in range(_NEWTON_MAX_ITER):
-        active = err > _NEWTON_TOL
-        if not active.any():
+        if idx.size == 0:
             break
-        ex, ey = fx_ - xd, fy_ - yd
+        xs, ys, xds, yds = x[idx], y[idx], xd[idx], yd[idx]
+        fx_, fy_, j00, j01, j10, j11 = _pinhole_distort(xs, ys, c, jacobian=True)
+        ex, ey = fx_ - xds, fy_ - yds
+        err = np.hypot(ex, ey)
         with np.errstate(divide="ignore", invalid="ignore"):
             det = j00 * j11 - j01 * j10
             dx = (j11 * ex - j01 * ey) / det
             dy = (-j10 * ex + j00 * ey) / det
-        step = np.where(active & np.isfinite(dx) & np.isfinite(dy), 1.0, 0.0)
-        dx = np.where(step > 0, dx, 0.0)
-        dy = np.where(step > 0, dy, 0.0)
-        # Backtracking: halve the step where the residual would grow.
-        for _ in range(30):
-            nx, ny = x - step * dx, y - step * dy
-            nfx, nfy, n00, n01, n10, n11 = _pinhole_distort(nx, ny, c, jacobian=True)
-            nerr = np.hypot(nfx - xd, nfy - yd)
-            nerr = np.where(np.isfinite(nerr), nerr, np.inf)
-            worse = (step > 0) & (nerr >= err)
+        keep = (err > _NEWTON_TOL) & np.isfinite(err) & np.isfinite(dx) & np.isfinite(dy)
+        idx, xs, ys, xds, yds = idx[keep], xs[keep], ys[keep], xds[keep], yds[keep]
+        err, dx, dy = err[keep], dx[keep], dy[keep]
+        step = np.ones_like(err)
+        for _ in range(30):  # backtracking: halve the step where the residual would grow
+            nx, ny = xs - step * dx, ys - step * dy
+            nfx, nfy = _pinhole_distort(nx, ny, c)
+            nerr = np.hypot(nfx - xds, nfy - yds)
+            worse = ~(nerr < err)
             if not worse.any():
                 break
             step = np.where(worse, step * 0.5, step)
-        improved = (step > 0) & (nerr < err)
-        if not improved.any():
+        accept = nerr < err
+        x[idx[accept]], y[idx[accept]] = nx[accept], ny[accept]
+        idx = idx[accept]
+    fx_, fy_, j00, j01, j10, j11 = _pinhole_distort(x, y, c, jacobian=True)
+    err = np.hypot(fx_ - xd, fy_ - yd)
+    return x, y, (err <= _INVERSE_ACCEPT) & (j00 * j11 - j01 * j10 > 0)
+
+
+def _radial_first_root(rd: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """Smallest r >= 0 with ``r * a(r^2) / b(r^2) == rd`` (the radial part of the
+    distortion), by table look-up on the running maximum plus linear interpolation. NaN
+    where the radial function never reaches ``rd`` before a pole or r = 64."""
+    k1, k2, _, _, k3, k4, k5, k6 = c
+    out = np.full(rd.shape, np.nan)
+    finite = np.isfinite(rd)
+    if not finite.any():
+        return out
+    target = float(rd[finite].max())
+    r_max = 2.0
+    while True:
+        r = np.linspace(0.0, r_max, 8193)
+        r2 = r * r
+        b = 1 + r2 * (k4 + r2 * (k5 + r2 * k6))
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            g = r * (1 + r2 * (k1 + r2 * (k2 + r2 * k3))) / b
+        bad = np.flatnonzero(~(b > 0) | ~np.isfinite(g))
+        if bad.size:  # stop at a pole of the rational model
+            r, g = r[: bad[0]], g[: bad[0]]
+        cm = np.maximum.accumulate(g) if g.size else g
+        if bad.size or r_max >= 64.0 or (cm.size and cm[-1] >= target):
             break
-        x, y = np.where(improved, nx, x), np.where(improved, ny, y)
-        fx_, fy_ = np.where(improved, nfx, fx_), np.where(improved, nfy, fy_)
-        j00, j01 = np.where(improved, n00, j00), np.where(improved, n01, j01)
-        j10, j11 = np.where(improved, n10, j10), np.where(improved, n11, j11)
-        err = np.where(improved, nerr, err)
-    det = j00 * j11 - j01 * j10
-    return x, y, (err <= _INVERSE_ACCEPT) & (det > 0)
+        r_max *= 2.0
+    if g.size < 2:
+        return out
+    i = np.searchsorted(cm, np.where(finite, rd, np.inf), side="left")
+    hit = finite & (i < g.size)
+    i = np.clip(i, 1, g.size - 1)
+    g0, g1 = g[i - 1], g[i]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t = np.clip((rd - g0) / (g1 - g0), 0.0, 1.0)
+    r_root = r[i - 1] + t * (r[i] - r[i - 1])
+    out[hit] = np.where(rd[hit] <= 0, 0.0, r_root[hit])
+    return out
 
 
-def _pinhole_undistort(xd: np.ndarray, yd: np.ndarray, d: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Invert :func:`_pinhole_distort`: Newton from the distorted point, then, for points
-    where that fails (e.g. near a fold of an over-fitted rational model), Newton from
-    OpenCV's fixed-point estimate. Points without a valid inverse -> NaN."""
+def _pinhole_undistort(
+    xd: np.ndarray, yd: np.ndarray, d: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Invert :func:`_pinhole_distort`: Newton started on the first monotonic branch of the
+    radial distortion (the physically meaningful one, even for over-fitted rational models
+    that fold back), retried from the distorted point and from OpenCV's fixed-point estimate
+    where it fails. Points without a valid inverse -> NaN."""
     c = _coeffs8(d)
-    x, y, ok = _pinhole_newton(xd, yd, c, xd.copy(), yd.copy())
+    rd = np.hypot(xd, yd)
+    r0 = _radial_first_root(rd, c)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        s = np.where(rd > 0, r0 / rd, 1.0)
+    x, y, ok = _pinhole_newton(xd, yd, c, xd * s, yd * s)
     retry = np.flatnonzero(~ok & np.isfinite(xd) & np.isfinite(yd))
+    if retry.size:
+        x2, y2, ok2 = _pinhole_newton(xd[retry], yd[retry], c, xd[retry], yd[retry])
+        x[retry], y[retry], ok[retry] = x2, y2, ok2
+        retry = retry[~ok2]
     if retry.size:
         src = np.stack([xd[retry], yd[retry]], axis=1).reshape(-1, 1, 2)
         guess = cv2.undistortPointsIter(
             src, np.eye(3), d, None, None,
             (cv2.TERM_CRITERIA_COUNT | cv2.TERM_CRITERIA_EPS, 100, 1e-12),
         ).reshape(-1, 2)
-        x2, y2, ok2 = _pinhole_newton(xd[retry], yd[retry], c, guess[:, 0].copy(), guess[:, 1].copy())
+        x2, y2, ok2 = _pinhole_newton(xd[retry], yd[retry], c, guess[:, 0], guess[:, 1])
         x[retry], y[retry], ok[retry] = x2, y2, ok2
     return np.where(ok, x, np.nan), np.where(ok, y, np.nan)
 
@@ -861,7 +912,9 @@ class Extrinsics:
                 f"extrinsics.rotation is not a rotation matrix (|R R^T - I| = {err:.3g})"
             )
         if not isinstance(self.parent_frame, str) or not self.parent_frame:
-            raise ValueError(f"extrinsics.parent_frame must be a non-empty string, got {self.parent_frame!r}")
+            raise ValueError(
+                f"extrinsics.parent_frame must be a non-empty string, got {self.parent_frame!r}"
+            )
         object.__setattr__(self, "translation", _readonly(t))
         object.__setattr__(self, "rotation", _readonly(r))
 
@@ -962,6 +1015,7 @@ class Extrinsics:
         with np.errstate(divide="ignore", invalid="ignore"):
             s = (plane_height - self.translation[2]) / dz
         ok = np.isfinite(s) & (s > 0) & (np.abs(dz) > 1e-12)
+        s = np.where(ok, s, np.nan)
         out = self.translation + s[:, None] * d
         out[~ok] = np.nan
         return out

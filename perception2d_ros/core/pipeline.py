@@ -91,9 +91,9 @@ class RectifyStage:
 
             image, encoding = convert(image, encoding, "bgr8"), "bgr8"
         cam = frame.camera
-        if (image.shape[1], image.shape[0]) != (cam.width, cam.height):
+        if (image.shape[1], image.shape[0]) != tuple(cam.image_size):
             raise ValueError(
-                f"camera_info.size {cam.width}x{cam.height} does not match image "
+                f"camera_info.size {cam.image_size[0]}x{cam.image_size[1]} does not match image "
                 f"{image.shape[1]}x{image.shape[0]}")
         if cam.is_identity:
             frame.rectified = image

@@ -1,6 +1,7 @@
 """Message ↔ core conversions (the only place that knows both worlds)."""
 from __future__ import annotations
 
+import array
 from typing import Any, Sequence
 
 import numpy as np
@@ -35,8 +36,9 @@ def array_to_image_msg(array: np.ndarray, encoding: str, header: Header) -> Imag
     msg = Image(header=copy_header(header), height=fields["height"], width=fields["width"],
                 encoding=fields["encoding"], is_bigendian=int(fields["is_bigendian"]),
                 step=fields["step"])
-    data = fields["data"]
-    msg.data = bytes(data) if not isinstance(data, (bytes, bytearray)) else data
+    buf = array.array("B")
+    buf.frombytes(fields["data"])  # one copy; assigning bytes makes rclpy check every element
+    msg.data = buf
     return msg
 
 
