@@ -67,10 +67,11 @@ class FrameRunner:
         image = conv.image_msg_to_array(image_msg)
         camera = None
         if info_msg is not None:
-            if (info_msg.width, info_msg.height) != (image_msg.width, image_msg.height):
-                raise ValueError(f"camera_info.size {info_msg.width}x{info_msg.height} does not "
-                                 f"match image {image_msg.width}x{image_msg.height}")
             camera = self.cameras.get(info_msg)
+            if tuple(camera.image_size) != (image_msg.width, image_msg.height):
+                raise ValueError(
+                    f"camera_info.size {camera.image_size[0]}x{camera.image_size[1]} (after "
+                    f"binning/ROI) does not match image {image_msg.width}x{image_msg.height}")
         frame = Frame(image=image, encoding=image_msg.encoding,
                       stamp_ns=conv.stamp_to_ns(image_msg.header.stamp),
                       frame_id=image_msg.header.frame_id, camera=camera)
