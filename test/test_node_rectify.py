@@ -75,13 +75,14 @@ def lockstep(h, node, pairs, out_topic="/camera/image_rect", timeout=20.0):
     assert wait_for(lambda: h.node.count_publishers(out_topic) >= 1, 10)
     for img, info in pairs:
         before = len(outs)
-        handled = node.frames_out + sum(node.errors.counts.values())
+        errors = lambda: sum(node.errors.counts.values())  # noqa: E731
+        done_before, errors_before = node.frames_out, errors()
         pub_info.publish(info)
         pub_img.publish(img)
-        assert wait_for(lambda: node.frames_out + sum(node.errors.counts.values()) > handled
-                        and (len(outs) > before or
-                             sum(node.errors.counts.values()) > handled - node.frames_out),
+        assert wait_for(lambda: node.frames_out > done_before or errors() > errors_before,
                         timeout), "node produced neither an output nor an error"
+        if node.frames_out > done_before:
+            assert wait_for(lambda: len(outs) > before, timeout), "output not received"
     return outs
 
 

@@ -88,6 +88,11 @@ class PerceptionNode(LifecycleNode):
                                         " (+ camera_info_rect for ground positions)"))
         p("autostart", True, _desc("configure and activate on start (no lifecycle manager)"))
         p("interpolation", d["interpolation"], _desc("rectification: nearest|linear|cubic|area|lanczos"))
+        p("output_encoding", d["output_encoding"],
+          _desc("image_rect encoding: passthrough (bayer/yuv become bgr8) | bgr8 | rgb8 | mono8"))
+        p("queue_policy", "newest_wins", ParameterDescriptor(
+            description="input queue: newest_wins (depth-1 slot, drops counted) — the only "
+                        "policy; a growing queue is never used", read_only=True))
         p("models_dir", d["models_dir"], _desc("models directory ('' = default)"))
         p("image_reliability", "best_effort",
           _desc("image subscription reliability: best_effort (sensor data) or reliable"))
@@ -105,6 +110,7 @@ class PerceptionNode(LifecycleNode):
         cfg = merge_config({
             "stages": list(g("stages")),
             "interpolation": g("interpolation"),
+            "output_encoding": g("output_encoding"),
             "models_dir": g("models_dir"),
             "detect": {k: g(f"detect.{k}") for k in merge_config(None)["detect"]},
             "extrinsics": {k: g(f"extrinsics.{k}") for k in merge_config(None)["extrinsics"]},
