@@ -12,6 +12,7 @@ if ! "$VENV/bin/python" -c "import vision_msgs.msg" 2>/dev/null || \
    [ -f "$VENV/share/vision_msgs/.perception2d_copy" ]; then
   pkgs=(vision_msgs perception2d_interfaces)
 fi
+mkdir -p "$ROOT/build"
 for pkg in "${pkgs[@]}"; do
   echo "    building $pkg ..."
   t0=$SECONDS
