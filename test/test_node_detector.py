@@ -122,7 +122,7 @@ def test_ground_positions_from_extrinsics(harness, data_dir):
     info_msg = des(bytes(ts.serialize_cdr(camera_info_msg(ts, rect_info, stamp, "cam"),
                                           "sensor_msgs/msg/CameraInfo")), CameraInfo)
     pub_info.publish(info_msg)
-    assert wait_for(lambda: node._rect_info is not None, 10)
+    assert wait_for(lambda: node.cams[0].rect_info is not None, 10)
     pub.publish(img_msg)
     assert wait_for(lambda: len(ground) == 1 and len(dets) == 1, 20)
     g = ground[0]
@@ -141,3 +141,28 @@ def test_ground_positions_from_extrinsics(harness, data_dir):
             assert abs(p.position.z) < 1e-9 and p.position.x > 0.2  # on the floor, ahead
         else:
             assert not p.valid
+
+
+def test_one_pipeline_process_serves_several_cameras(harness, coco_bag):
+    """cameras: [left, right] → one model, outputs per camera, headers preserved."""
+    node = PerceptionNode("detector_node", context=harness.context, namespace="/robot",
+                          parameter_overrides=[Parameter("cameras", value=["left", "right"])])
+    harness.add_node(node)
+    engines = {id(s.detector.engine) for s in node.pipeline.stages if s.name == "detect"}
+    assert len(engines) == 1
+    outs = {c: harness.subscribe(Detection2DArray, f"/robot/{c}/detections", RELIABLE)
+            for c in ("left", "right")}
+    pubs = {c: harness.publisher(Image, f"/robot/{c}/image_rect", BEST_EFFORT)
+            for c in ("left", "right")}
+    for p in pubs.values():
+        assert harness.wait_matched(p)
+    for i, msg in enumerate(coco_bag[:6]):
+        cam = ("left", "right")[i % 2]
+        n = len(outs[cam])
+        pubs[cam].publish(msg)
+        assert wait_for(lambda: len(outs[cam]) > n, 20)
+    assert [len(outs["left"]), len(outs["right"])] == [3, 3]
+    assert [o.header.stamp for o in outs["left"]] == [m.header.stamp for m in coco_bag[0:6:2]]
+    assert [o.header.stamp for o in outs["right"]] == [m.header.stamp for m in coco_bag[1:6:2]]
+    diag = node.diagnostics()
+    assert diag["camera.left.frames_out"] == "3" and diag["camera.right.frames_out"] == "3"

@@ -14,9 +14,10 @@ class LatestSlot(Generic[T]):
     """A depth-1 mailbox: ``put`` replaces an unread item (counted as a drop); ``take``
     blocks until an item is there or ``timeout`` passes. Never grows under load."""
 
-    def __init__(self) -> None:
+    def __init__(self, notify: threading.Event | None = None) -> None:
         self._item: T | None = None
         self._cond = threading.Condition()
+        self._notify = notify
         self.dropped = 0
         self.received = 0
         self._closed = False
@@ -28,10 +29,12 @@ class LatestSlot(Generic[T]):
             self._item = item
             self.received += 1
             self._cond.notify()
+        if self._notify is not None:
+            self._notify.set()
 
     def take(self, timeout: float | None = None) -> T | None:
         with self._cond:
-            if self._item is None and not self._closed:
+            if self._item is None and not self._closed and timeout != 0:
                 self._cond.wait(timeout)
             item, self._item = self._item, None
             return item

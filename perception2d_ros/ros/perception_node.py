@@ -47,6 +47,24 @@ NODE_KINDS: dict[str, dict[str, Any]] = {
 }
 
 
+class CameraIO:
+    """Per-camera inputs and outputs of a node: topics under ``prefix`` (relative to the node
+    namespace), the camera's newest-wins slot, sync and publishers."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self.slot: LatestSlot[tuple[Image, CameraInfo | None, float]] = LatestSlot()
+        self.sync: ApproximateSync | None = None
+        self.rect_info: CameraInfo | None = None
+        self.pubs: dict[str, Any] = {}
+        self.last_stamp: dict[str, int] = {}
+        self.frames_in = 0
+        self.frames_out = 0
+
+    def topic(self, rel: str) -> str:
+        return f"{self.prefix}/{rel}" if self.prefix else rel
+
+
 def _desc(text: str, read_only: bool = False) -> ParameterDescriptor:
     return ParameterDescriptor(description=text, read_only=read_only)
 
@@ -61,18 +79,15 @@ class PerceptionNode(LifecycleNode):
         self._declare(d, spec)
         self.errors = ErrorReporter(lambda m: self.get_logger().error(m))
         self.pipeline: Pipeline | None = None
-        self.slot: LatestSlot[tuple[Image, CameraInfo | None, float]] = LatestSlot()
+        self.cams: list[CameraIO] = [CameraIO("")]
+        self._wake = threading.Event()
         self._subs: list[Any] = []
-        self._pubs: dict[str, Any] = {}
         self._worker: threading.Thread | None = None
         self._running = False
         self._timings: dict[str, deque[float]] = {}
         self._latency: deque[float] = deque(maxlen=200)
         self.frames_in = 0
         self.frames_out = 0
-        self._last_stamp: dict[str, int] = {}
-        self._rect_info: CameraInfo | None = None
-        self.sync: ApproximateSync | None = None
         self._diag_timer = None
         self.add_on_set_parameters_callback(self._on_set_parameters)
         if self.get_parameter("autostart").value:
@@ -86,6 +101,9 @@ class PerceptionNode(LifecycleNode):
         p("stages", d["stages"], _desc("stages to run, in order: rectify, detect, sam, clip, lseg"))
         p("input", spec["input"], _desc("raw: image_raw + camera_info (synced); rect: image_rect"
                                         " (+ camera_info_rect for ground positions)"))
+        p("cameras", [""], _desc("camera namespaces served by this one process and one model per "
+                                 "kind, relative to the node namespace ([''] = the node's own); "
+                                 "e.g. [left, right] → left/image_raw, right/image_raw …"))
         p("autostart", True, _desc("configure and activate on start (no lifecycle manager)"))
         p("interpolation", d["interpolation"], _desc("rectification: nearest|linear|cubic|area|lanczos"))
         p("output_encoding", d["output_encoding"],
@@ -140,26 +158,31 @@ class PerceptionNode(LifecycleNode):
             self.get_logger().error(f"configure failed: {exc}")
             return TransitionCallbackReturn.FAILURE
         names = self.pipeline.names
-        if "rectify" in names:
-            self._pubs["image_rect"] = self.create_publisher(Image, "image_rect", qos_profile_sensor_data)
-            self._pubs["camera_info_rect"] = self.create_publisher(CameraInfo, "camera_info_rect",
-                                                                   qos_profile_sensor_data)
-        if "detect" in names:
-            from vision_msgs.msg import Detection2DArray, LabelInfo
-            from perception2d_interfaces.msg import GroundPositionArray
+        prefixes = [c.strip("/") for c in self.get_parameter("cameras").value] or [""]
+        if len(set(prefixes)) != len(prefixes):
+            self.get_logger().error(f"configure failed: cameras: duplicates in {prefixes}")
+            return TransitionCallbackReturn.FAILURE
+        self.cams = [CameraIO(p) for p in prefixes]
+        debug = bool(self.get_parameter("publish_debug_image").value)
+        for cam in self.cams:
+            pub = lambda t, rel, q: cam.pubs.__setitem__(  # noqa: E731
+                rel, self.create_publisher(t, cam.topic(rel), q))
+            if "rectify" in names:
+                pub(Image, "image_rect", qos_profile_sensor_data)
+                pub(CameraInfo, "camera_info_rect", qos_profile_sensor_data)
+            if "detect" in names:
+                from vision_msgs.msg import Detection2DArray, LabelInfo
+                from perception2d_interfaces.msg import GroundPositionArray
 
-            self._pubs["detections"] = self.create_publisher(Detection2DArray, "detections", RESULTS)
-            self._pubs["detections/label_info"] = self.create_publisher(
-                LabelInfo, "detections/label_info", LATCHED)
-            if self.cfg["extrinsics"]["enabled"]:
-                self._pubs["detections/ground"] = self.create_publisher(
-                    GroundPositionArray, "detections/ground", RESULTS)
-        if self.get_parameter("publish_debug_image").value:
-            self._pubs["debug_image"] = self.create_publisher(Image, "debug_image",
-                                                              qos_profile_sensor_data)
+                pub(Detection2DArray, "detections", RESULTS)
+                pub(LabelInfo, "detections/label_info", LATCHED)
+                if self.cfg["extrinsics"]["enabled"]:
+                    pub(GroundPositionArray, "detections/ground", RESULTS)
+            if debug:
+                pub(Image, "debug_image", qos_profile_sensor_data)
         self._diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
         self.runner = FrameRunner(self.pipeline, self.cfg,
-                                  debug_image="debug_image" in self._pubs)
+                                  debug_image=debug)
         self.get_logger().info(f"configured stages {names}")
         return TransitionCallbackReturn.SUCCESS
 
@@ -172,23 +195,28 @@ class PerceptionNode(LifecycleNode):
         events = SubscriptionEventCallbacks(incompatible_qos=self._on_incompatible_qos)
         override = QoSOverridingOptions.with_default_policies()
         slop = int(self.get_parameter("sync_slop_ms").value * 1e6)
-        if input_mode == "raw":
-            self.sync = ApproximateSync(self._on_pair, slop_ns=slop)
-            self._subs.append(self.create_subscription(
-                Image, "image_raw", self._on_image, qos, event_callbacks=events,
-                qos_overriding_options=override))
-            self._subs.append(self.create_subscription(
-                CameraInfo, "camera_info", self.sync.add_info, qos, event_callbacks=events))
-        else:
-            self.sync = None
-            self._subs.append(self.create_subscription(
-                Image, "image_rect", self._on_rect_image, qos, event_callbacks=events,
-                qos_overriding_options=override))
-            self._subs.append(self.create_subscription(
-                CameraInfo, "camera_info_rect", self._on_rect_info, qos, event_callbacks=events))
+        for cam in self.cams:
+            cam.slot = LatestSlot(self._wake)
+            if input_mode == "raw":
+                cam.sync = ApproximateSync(lambda i, c, cam=cam: self._on_pair(cam, i, c),
+                                           slop_ns=slop)
+                self._subs.append(self.create_subscription(
+                    Image, cam.topic("image_raw"), lambda m, cam=cam: self._on_image(cam, m),
+                    qos, event_callbacks=events, qos_overriding_options=override))
+                self._subs.append(self.create_subscription(
+                    CameraInfo, cam.topic("camera_info"), cam.sync.add_info, qos,
+                    event_callbacks=events))
+            else:
+                cam.sync = None
+                self._subs.append(self.create_subscription(
+                    Image, cam.topic("image_rect"), lambda m, cam=cam: self._on_rect_image(cam, m),
+                    qos, event_callbacks=events, qos_overriding_options=override))
+                self._subs.append(self.create_subscription(
+                    CameraInfo, cam.topic("camera_info_rect"),
+                    lambda m, cam=cam: setattr(cam, "rect_info", m), qos,
+                    event_callbacks=events))
         self._publish_label_info()
         self._running = True
-        self.slot = LatestSlot()
         self._worker = threading.Thread(target=self._work, name=f"{self.get_name()}-worker",
                                         daemon=True)
         self._worker.start()
@@ -208,9 +236,10 @@ class PerceptionNode(LifecycleNode):
         return super().on_deactivate(state)
 
     def on_cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:
-        for pub in self._pubs.values():
-            self.destroy_publisher(pub)
-        self._pubs.clear()
+        for cam in self.cams:
+            for pub in cam.pubs.values():
+                self.destroy_publisher(pub)
+            cam.pubs.clear()
         self._release_pipeline()
         return TransitionCallbackReturn.SUCCESS
 
@@ -229,7 +258,7 @@ class PerceptionNode(LifecycleNode):
 
     def _stop_worker(self) -> None:
         self._running = False
-        self.slot.close()
+        self._wake.set()
         if self._worker is not None:
             self._worker.join(timeout=5.0)
             self._worker = None
@@ -250,72 +279,87 @@ class PerceptionNode(LifecycleNode):
                         f"{sub.topic_name}: publisher {info.node_name} is best-effort but this "
                         "subscription is reliable; no messages will arrive")
 
-    def _on_image(self, msg: Image) -> None:
+    def _on_image(self, cam: "CameraIO", msg: Image) -> None:
         self.frames_in += 1
-        self.sync.add_image(msg)
-        last = self.sync.last_info_time
-        if (last is None and self.frames_in >= 3) or \
+        cam.frames_in += 1
+        cam.sync.add_image(msg)
+        last = cam.sync.last_info_time
+        if (last is None and cam.frames_in >= 3) or \
                 (last is not None and time.monotonic() - last > 2.0):
             self.errors.report("camera_info", "camera_info: none received on "
-                               f"{self.resolve_topic_name('camera_info')}"
+                               f"{self.resolve_topic_name(cam.topic('camera_info'))}"
                                + ("" if last is None else
                                   f" for {time.monotonic() - last:.1f} s")
                                + "; images wait for their calibration (rectification needs it)")
 
-    def _on_pair(self, image: Image, info: CameraInfo) -> None:
-        self.slot.put((image, info, time.monotonic()))
+    def _on_pair(self, cam: "CameraIO", image: Image, info: CameraInfo) -> None:
+        cam.slot.put((image, info, time.monotonic()))
 
-    def _on_rect_info(self, msg: CameraInfo) -> None:
-        self._rect_info = msg
-
-    def _on_rect_image(self, msg: Image) -> None:
+    def _on_rect_image(self, cam: "CameraIO", msg: Image) -> None:
         self.frames_in += 1
-        self.slot.put((msg, self._rect_info, time.monotonic()))
+        cam.frames_in += 1
+        cam.slot.put((msg, cam.rect_info, time.monotonic()))
+
+    @property
+    def slot(self) -> LatestSlot:
+        """The first camera's input slot (single-camera nodes have one)."""
+        return self.cams[0].slot
 
     # ----------------------------------------------------------------- work
     def _work(self) -> None:
+        """One worker for every camera: round-robin over the newest frame of each, so one
+        model per kind serves N cameras and no camera starves another."""
         while self._running and self.context.ok():
-            item = self.slot.take(timeout=0.2)
-            if item is None:
-                continue
-            image_msg, info_msg, t_recv = item
-            try:
-                self._process(image_msg, info_msg)
-                self._latency.append(time.monotonic() - t_recv)
-            except Exception as exc:  # bad input or a stage failure: log, count, go on
-                self.errors.report(error_key(exc), f"frame {image_msg.header.stamp.sec}."
-                                   f"{image_msg.header.stamp.nanosec:09d} dropped: {exc}")
+            self._wake.clear()  # a put() after this wakes the wait below
+            served = False
+            for cam in list(self.cams):
+                item = cam.slot.take(timeout=0)
+                if item is None:
+                    continue
+                served = True
+                image_msg, info_msg, t_recv = item
+                try:
+                    self._process(cam, image_msg, info_msg)
+                    self._latency.append(time.monotonic() - t_recv)
+                except Exception as exc:  # bad input or a stage failure: log, count, go on
+                    self.errors.report(error_key(exc), f"frame {image_msg.header.stamp.sec}."
+                                       f"{image_msg.header.stamp.nanosec:09d} on "
+                                       f"'{cam.prefix or self.get_namespace()}' dropped: {exc}")
+            if not served:
+                self._wake.wait(0.2)
 
-    def _process(self, image_msg: Image, info_msg: CameraInfo | None) -> None:
+    def _process(self, cam: "CameraIO", image_msg: Image, info_msg: CameraInfo | None) -> None:
         stamp = conv.stamp_to_ns(image_msg.header.stamp)
         fid = image_msg.header.frame_id
-        last = self._last_stamp.get(fid)
+        last = cam.last_stamp.get(fid)
         if last is not None and stamp <= last:
             self.errors.report("header.stamp", f"header.stamp: {stamp} ns is not newer than the "
                                f"previous frame ({last} ns) on frame_id '{fid}'; processed anyway")
-        if self._last_stamp and fid not in self._last_stamp:
+        if cam.last_stamp and fid not in cam.last_stamp:
             self.errors.report("header.frame_id", f"header.frame_id: '{fid}' differs from the "
-                               f"stream's {sorted(self._last_stamp)}; processed anyway")
-        self._last_stamp[fid] = stamp
+                               f"stream's {sorted(cam.last_stamp)}; processed anyway")
+        cam.last_stamp[fid] = stamp
         frame, msgs = self.runner.run(image_msg, info_msg)
         for topic, msg in msgs:
-            pub = self._pubs.get(topic)
+            pub = cam.pubs.get(topic)
             if pub is not None:
                 pub.publish(msg)
         self.frames_out += 1
+        cam.frames_out += 1
         for k, v in frame.timings.items():
             self._timings.setdefault(k, deque(maxlen=200)).append(v)
 
     # ----------------------------------------------------------------- outputs
     def _publish_label_info(self) -> None:
         for topic, msg in self.runner.label_info():
-            pub = self._pubs.get(topic)
-            if pub is not None:
-                pub.publish(msg)
+            for cam in self.cams:
+                pub = cam.pubs.get(topic)
+                if pub is not None:
+                    pub.publish(msg)
 
     def diagnostics(self) -> dict[str, str]:
         values = {"frames_in": str(self.frames_in), "frames_out": str(self.frames_out),
-                  "dropped_newest_wins": str(self.slot.dropped),
+                  "dropped_newest_wins": str(sum(c.slot.dropped for c in self.cams)),
                   "stages": ",".join(self.pipeline.names if self.pipeline else [])}
         if self.pipeline is not None:
             for stage in self.pipeline.stages:
@@ -326,8 +370,12 @@ class PerceptionNode(LifecycleNode):
             arr = np.asarray(self._latency) * 1e3
             values["receive_to_publish_ms_p50"] = f"{np.percentile(arr, 50):.2f}"
             values["receive_to_publish_ms_p95"] = f"{np.percentile(arr, 95):.2f}"
-        if self.sync is not None:
-            values["unmatched_images"] = str(self.sync.unmatched_images)
+        if len(self.cams) > 1:
+            for cam in self.cams:
+                values[f"camera.{cam.prefix}.frames_out"] = str(cam.frames_out)
+                values[f"camera.{cam.prefix}.dropped"] = str(cam.slot.dropped)
+        unmatched = sum(c.sync.unmatched_images for c in self.cams if c.sync is not None)
+        values["unmatched_images"] = str(unmatched)
         for k, v in sorted(self._timings.items()):
             arr = np.asarray(v) * 1e3
             values[f"{k}_ms_p50"] = f"{np.percentile(arr, 50):.2f}"
