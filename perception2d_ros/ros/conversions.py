@@ -1,7 +1,7 @@
 """Message ↔ core conversions (the only place that knows both worlds)."""
 from __future__ import annotations
 
-import array
+import array as _pyarray
 from typing import Any, Sequence
 
 import numpy as np
@@ -33,11 +33,13 @@ def image_msg_to_array(msg: Image) -> np.ndarray:
 
 def array_to_image_msg(array: np.ndarray, encoding: str, header: Header) -> Image:
     fields = array_to_image_fields(array, encoding)
+    # check_fields=True: only then does the generated ``data`` setter store an array.array
+    # as is; without it the setter copies it again (array.array('B', value): +0.2 ms at 720p)
     msg = Image(header=copy_header(header), height=fields["height"], width=fields["width"],
                 encoding=fields["encoding"], is_bigendian=int(fields["is_bigendian"]),
-                step=fields["step"])
-    buf = array.array("B")
-    buf.frombytes(fields["data"])  # one copy; assigning bytes makes rclpy check every element
+                step=fields["step"], check_fields=True)
+    buf = _pyarray.array("B")  # (the parameter `array` shadows the module name)
+    buf.frombytes(fields["data"])  # the one copy; assigning bytes would be copied again
     msg.data = buf
     return msg
 
