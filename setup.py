@@ -14,7 +14,8 @@ setup(
         (f"share/{PACKAGE}", ["package.xml"]),
         (f"share/{PACKAGE}/launch", glob("launch/*.py")),
         (f"share/{PACKAGE}/config", glob("config/*.yaml")),
-        (f"share/{PACKAGE}/models", glob("models/*.yaml") + glob("models/*.onnx")
+        (f"share/{PACKAGE}/models", glob("models/manifest.yaml") + ["models/yolox_nano.onnx"]
+         + glob("models/*.jpg") + glob("models/*.md")
          + glob("models/*.txt") + glob("models/*.gz")),
     ],
     install_requires=["setuptools"],

@@ -185,6 +185,13 @@ def load_overlay(directory: str | Path | None = None) -> dict[str, dict[str, Any
     return dict(models) if isinstance(models, dict) else {}
 
 
+class _NoAliasDumper(yaml.SafeDumper):
+    """Plain YAML for people: no ``&id001`` anchors for repeated lists."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+
 def write_overlay_entries(directory: str | Path | None, entries: Mapping[str, Mapping[str, Any]]
                           ) -> Path:
     """Add/replace ``entries`` in the local overlay (atomic write). Shipped names refused."""
@@ -199,7 +206,7 @@ def write_overlay_entries(directory: str | Path | None, entries: Mapping[str, Ma
         current[name] = dict(spec)
     text = ("# Written by `perception2d models export` on this machine: files exported here and\n"
             "# their sha256. Local to this models directory; the shipped manifest is unchanged.\n"
-            + yaml.safe_dump({"models": current}, sort_keys=False))
+            + yaml.dump({"models": current}, Dumper=_NoAliasDumper, sort_keys=False))
     root.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".exported-", suffix=".yaml.tmp", dir=root)
     try:
@@ -214,12 +221,10 @@ def write_overlay_entries(directory: str | Path | None, entries: Mapping[str, Ma
 
 def entry_path(entry: ModelEntry, directory: str | Path | None = None) -> Path:
     """Where ``entry``'s file lives (or would live) in the models directory."""
-    root = models_dir(directory)
-    check_relative_file(entry.file, f"models.{entry.name}.file")
-    path = (root / entry.file).resolve()
-    if root != path and root not in path.parents:
-        raise ModelFileError(f"model '{entry.name}': {entry.file} escapes {root}")
-    return path
+    check_relative_file(entry.file, f"models.{entry.name}.file")  # relative, no '..'
+    # lexical join: a symlink the user placed in the models dir (a checkpoint kept on
+    # another disk) is their explicit choice and is followed when the file is opened
+    return models_dir(directory) / entry.file
 
 
 def is_partial(path: str | Path) -> bool:
