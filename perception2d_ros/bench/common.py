@@ -1,0 +1,239 @@
+"""Shared helpers of the benchmark harness: statistics, machine description, real frames,
+process CPU / RSS sampling, ROS environment defaults."""
+from __future__ import annotations
+
+import os
+import platform
+import re
+import threading
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[2]
+DATA = REPO / "test" / "data"
+CALIBRATION = DATA / "camera_info" / "camerav1_1280x720.yaml"
+COCO_IMAGES = DATA / "coco" / "images"
+
+
+# --------------------------------------------------------------------------- environment
+def ros_env_defaults() -> None:
+    """The sandbox-safe DDS settings of ``scripts/ros_env.sh`` (localhost discovery, a domain
+    of our own, the Fast DDS SHM profile), applied before rclpy is imported unless set."""
+    os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
+    os.environ.setdefault("ROS_DOMAIN_ID", str(1 + os.getpid() % 100))
+    profile = REPO / "config" / "fastdds_localhost_shm.xml"
+    if profile.is_file():
+        os.environ.setdefault("FASTDDS_DEFAULT_PROFILES_FILE", str(profile))
+    os.environ.setdefault("RMW_IMPLEMENTATION", "rmw_fastrtps_cpp")
+
+
+def set_threads(threads: int | None) -> int:
+    """OpenCV worker threads (None/0: leave OpenCV's default). Returns the count in use."""
+    import cv2
+
+    if threads:
+        cv2.setNumThreads(int(threads))
+    return int(cv2.getNumThreads())
+
+
+# --------------------------------------------------------------------------- statistics
+def summarize_ms(values_s: Sequence[float]) -> dict[str, float]:
+    """Seconds → {p50, p95, max, mean, n} in milliseconds (empty → zeros)."""
+    if len(values_s) == 0:
+        return {"p50": 0.0, "p95": 0.0, "max": 0.0, "mean": 0.0, "n": 0}
+    a = np.asarray(values_s, np.float64) * 1e3
+    return {"p50": round(float(np.percentile(a, 50)), 3),
+            "p95": round(float(np.percentile(a, 95)), 3),
+            "max": round(float(a.max()), 3), "mean": round(float(a.mean()), 3),
+            "n": int(a.size)}
+
+
+def time_calls(fn: Callable[[], Any], n: int, warmup: int = 3) -> list[float]:
+    """Seconds of ``n`` calls of ``fn`` after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    out = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def linear_slope(t: Sequence[float], y: Sequence[float]) -> float:
+    """Least-squares slope dy/dt (0 with fewer than 3 points)."""
+    if len(t) < 3:
+        return 0.0
+    tt = np.asarray(t, np.float64)
+    yy = np.asarray(y, np.float64)
+    tt = tt - tt.mean()
+    den = float((tt * tt).sum())
+    return float((tt * (yy - yy.mean())).sum() / den) if den > 0 else 0.0
+
+
+# --------------------------------------------------------------------------- machine
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "?"
+
+
+def load_average() -> list[float]:
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        return []
+
+
+def gpu_name() -> str | None:
+    """The CUDA GPU name when torch is already imported and sees one (never imports torch)."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    try:
+        if torch is not None and torch.cuda.is_available():
+            return str(torch.cuda.get_device_name(0))
+    except Exception:  # a broken CUDA install must not break a CPU benchmark
+        pass
+    return None
+
+
+def machine_info() -> dict[str, Any]:
+    """Where the numbers were measured: CPU, cores, load (other processes share them!)."""
+    return {"host_arch": platform.machine(), "cpu": _cpu_model(), "cores": os.cpu_count(),
+            "load_avg_1_5_15": load_average(), "python": platform.python_version(),
+            "gpu": gpu_name() or "none", "date": datetime.now(timezone.utc).isoformat(
+                timespec="seconds")}
+
+
+# --------------------------------------------------------------------------- process stats
+def rss_mb() -> float:
+    """Resident set size of this process in MB (Linux /proc; 0 elsewhere)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return 0.0
+
+
+def cpu_seconds() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
+class ProcessSampler:
+    """Samples RSS (and GPU memory where torch has a CUDA device) every ``period`` seconds in
+    a background thread; ``result()`` gives CPU %, RSS start/end/max and the RSS slope."""
+
+    def __init__(self, period: float = 0.5) -> None:
+        self.period = period
+        self.samples: list[tuple[float, float]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="bench-sampler", daemon=True)
+        self._t0 = self._cpu0 = 0.0
+
+    def __enter__(self) -> "ProcessSampler":
+        self._t0, self._cpu0 = time.monotonic(), cpu_seconds()
+        self.samples.append((0.0, rss_mb()))
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join(timeout=2.0)
+        self._wall = time.monotonic() - self._t0
+        self._cpu = cpu_seconds() - self._cpu0
+        self.samples.append((self._wall, rss_mb()))
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.period):
+            self.samples.append((time.monotonic() - self._t0, rss_mb()))
+
+    def result(self, skip_s: float = 0.0) -> dict[str, Any]:
+        """``skip_s``: leave the first seconds (warm-up allocations) out of the RSS slope."""
+        t = [s[0] for s in self.samples if s[0] >= skip_s]
+        r = [s[1] for s in self.samples if s[0] >= skip_s]
+        rss = [s[1] for s in self.samples]
+        out = {"cpu_percent_of_one_core": round(100.0 * self._cpu / max(self._wall, 1e-9), 1),
+               "cores": os.cpu_count(),
+               "rss_mb_start": round(rss[0], 1), "rss_mb_end": round(rss[-1], 1),
+               "rss_mb_max": round(max(rss), 1),
+               "rss_slope_mb_per_min": round(linear_slope(t, r) * 60.0, 3),
+               "rss_samples": len(r)}
+        gpu = gpu_memory_mb()
+        out["gpu_memory_mb"] = gpu if gpu is not None else "n/a (no CUDA device in use)"
+        return out
+
+
+def gpu_memory_mb() -> float | None:
+    import sys
+
+    torch = sys.modules.get("torch")
+    try:
+        if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+            return round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    except Exception:
+        pass
+    return None
+
+
+# --------------------------------------------------------------------------- real frames
+def parse_size(text: str) -> tuple[int, int]:
+    m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", text or "")
+    if not m or int(m.group(1)) <= 0 or int(m.group(2)) <= 0:
+        raise ValueError(f"--size must look like WIDTHxHEIGHT (e.g. 1280x720), got {text!r}")
+    return int(m.group(1)), int(m.group(2))
+
+
+def real_frames(size: tuple[int, int], count: int = 8) -> list[np.ndarray]:
+    """``count`` real COCO test images resized to ``size`` (w, h), bgr8."""
+    import cv2
+
+    files = sorted(COCO_IMAGES.glob("*.jpg"))
+    if not files:
+        raise FileNotFoundError(f"no test images in {COCO_IMAGES}")
+    out = []
+    for f in files[: max(1, count)]:
+        img = cv2.imread(str(f))
+        if img is None:
+            raise ValueError(f"cannot read {f}")
+        out.append(np.ascontiguousarray(cv2.resize(img, size, interpolation=cv2.INTER_LINEAR)))
+    return out
+
+
+def camera_info_fields(size: tuple[int, int]) -> dict[str, Any]:
+    """The real 1280×720 calibration (camerav1) as CameraInfo fields, scaled to ``size``
+    (K and P scaled per axis; distortion unchanged), so any --size has a real-looking model."""
+    from perception2d_ros.core.camera import CameraModel
+
+    cam = CameraModel.from_yaml(CALIBRATION)
+    info = cam.to_camera_info_dict()
+    w, h = size
+    sx, sy = w / float(info["width"]), h / float(info["height"])
+    k = list(map(float, info["k"]))
+    p = list(map(float, info["p"]))
+    for arr, row_len in ((k, 3), (p, 4)):
+        for c in range(row_len):
+            arr[c] *= sx
+            arr[row_len + c] *= sy
+    info.update(width=w, height=h, k=k, p=p)
+    return info
+
+
+def camera_model(size: tuple[int, int]) -> Any:
+    from perception2d_ros.core.camera import CameraModel
+
+    f = camera_info_fields(size)
+    return CameraModel(f["width"], f["height"], f["k"], f["d"],
+                       distortion_model=f["distortion_model"], r=f["r"], p=f["p"])
