@@ -58,11 +58,28 @@ class Frame:
     def bgr(self) -> np.ndarray:
         """The working image as HxWx3 uint8 BGR (converted once per frame, then cached)."""
         if self._bgr_cache is None:
-            from perception2d_ros.core.image_codec import convert
-
             img, enc = self.working_image, self.working_encoding
-            self._bgr_cache = img if enc == "bgr8" else convert(img, enc, "bgr8")
+            self._bgr_cache = img if enc == "bgr8" else convert_image(img, enc, "bgr8",
+                                                                      "the models")
         return self._bgr_cache
+
+
+YUV422 = ("yuv422", "yuv422_yuy2", "uyvy", "yuyv")
+
+
+def convert_image(image: np.ndarray, encoding: str, dst: str, purpose: str) -> np.ndarray:
+    """:func:`image_codec.convert` of a received image, with errors naming the message field
+    (``image.width`` / ``image.encoding``) so the nodes count and log them under it."""
+    from perception2d_ros.core.image_codec import convert
+
+    if encoding in YUV422 and image.shape[1] % 2:
+        raise ValueError(f"image.width {image.shape[1]} is odd; {encoding!r} packs pixel "
+                         "pairs (4:2:2), so the width must be even")
+    try:
+        return convert(image, encoding, dst)
+    except ValueError as exc:
+        raise ValueError(f"image.encoding {encoding!r} cannot be converted to {dst} for "
+                         f"{purpose}: {exc}") from None
 
 
 class Stage(Protocol):
@@ -81,18 +98,22 @@ class RectifyStage:
         import cv2
 
         self.interpolation = cv2.INTER_LINEAR if interpolation is None else interpolation
-        self._out: np.ndarray | None = None  # last output, reused when no one holds it
+        # last output, reused when no one else holds it; the refcount of a sole owner is
+        # measured through the same call so it holds on any CPython version
+        self._out: np.ndarray = np.empty((0,), np.uint8)
+        self._sole_refs = self._out_refs()
         self.output_encoding = output_encoding
+
+    def _out_refs(self) -> int:
+        return sys.getrefcount(self._out)
 
     def process(self, frame: Frame) -> None:
         if frame.camera is None:
             raise ValueError("camera_info.k: no calibration for this frame; rectify needs one")
         t0 = time.perf_counter()
         image, encoding = frame.image, frame.encoding
-        if encoding.startswith("bayer_") or encoding.startswith("yuv422"):
-            from perception2d_ros.core.image_codec import convert
-
-            image, encoding = convert(image, encoding, "bgr8"), "bgr8"
+        if encoding.startswith("bayer_") or encoding in YUV422:  # demosaic / unpack first
+            image, encoding = convert_image(image, encoding, "bgr8", "rectification"), "bgr8"
         cam = frame.camera
         if (image.shape[1], image.shape[0]) != tuple(cam.image_size):
             raise ValueError(
@@ -101,19 +122,16 @@ class RectifyStage:
         if cam.is_identity:
             frame.rectified = image
         else:
-            # Reuse the previous output only when nothing else holds it any more (refcount 2 =
-            # self._out + getrefcount's argument; a frame, message or view still holding it
-            # gets a fresh array): a fresh 2.7 MB array per 720p frame costs ~1 ms of page
-            # faults, a quarter of the remap itself.
-            out = self._out
-            if (out is None or out.shape != image.shape or out.dtype != image.dtype
-                    or sys.getrefcount(out) > 2):
-                out = self._out = np.empty(image.shape, image.dtype)
-            frame.rectified = cam.rectify(image, interpolation=self.interpolation, out=out)
+            # Reuse the previous output only when nothing else holds it any more (a frame,
+            # message or view still holding it gets a fresh array): a fresh 2.7 MB array per
+            # 720p frame costs ~1 ms of page faults, a quarter of the remap itself.
+            if (self._out.shape != image.shape or self._out.dtype != image.dtype
+                    or self._out_refs() > self._sole_refs):
+                self._out = np.empty(image.shape, image.dtype)
+            frame.rectified = cam.rectify(image, interpolation=self.interpolation, out=self._out)
         if self.output_encoding not in ("passthrough", encoding):
-            from perception2d_ros.core.image_codec import convert
-
-            frame.rectified = convert(frame.rectified, encoding, self.output_encoding)
+            frame.rectified = convert_image(frame.rectified, encoding, self.output_encoding,
+                                            f"output_encoding {self.output_encoding}")
             encoding = self.output_encoding
         frame.rectified_encoding = encoding
         frame.timings[self.name] = time.perf_counter() - t0
@@ -191,6 +209,7 @@ DEFAULTS: dict[str, Any] = {
         "iou_threshold": 0.45,
         "max_detections": 100,
         "classes": [],
+        "fallback": True,  # engine build/load failure (GPU OOM …): next backend, warning
     },
     "extrinsics": {
         "enabled": False,
@@ -204,11 +223,24 @@ DEFAULTS: dict[str, Any] = {
 INTERPOLATIONS = {"nearest": 0, "linear": 1, "cubic": 2, "area": 3, "lanczos": 4}
 
 
+STAGE_GROUPS = ("detect", "extrinsics", "sam", "clip", "lseg")
+
+
+def _all_defaults() -> dict[str, Any]:
+    from perception2d_ros.core import clip_stage, lseg_stage, sam_stage
+
+    d = dict(DEFAULTS)
+    d["vocabulary"] = [""]  # shared by CLIP and LSeg; [""] = the stage's default vocabulary
+    d["sam"], d["clip"], d["lseg"] = (dict(sam_stage.DEFAULTS), dict(clip_stage.DEFAULTS),
+                                      dict(lseg_stage.DEFAULTS))
+    return d
+
+
 def merge_config(overrides: dict[str, Any] | None) -> dict[str, Any]:
-    """DEFAULTS deep-merged with ``overrides``; unknown keys are kept (stage options)."""
+    """Defaults (core + every stage) deep-merged with ``overrides``."""
     import copy
 
-    out = copy.deepcopy(DEFAULTS)
+    out = copy.deepcopy(_all_defaults())
 
     def merge(dst: dict[str, Any], src: dict[str, Any]) -> None:
         for k, v in src.items():
@@ -256,7 +288,8 @@ def build_pipeline(cfg: dict[str, Any], log: Callable[[str], None] = LOG.info) -
 
         d = cfg["detect"]
         ecfg = EngineConfig(backend=d["backend"], device=d["device"], precision=d["precision"],
-                            threads=int(d["threads"]) or None)
+                            threads=int(d["threads"]) or None,
+                            fallback=bool(d.get("fallback", True)))
         detector = YoloDetector.from_model(
             d["model"], engine_config=ecfg, conf=float(d["conf_threshold"]),
             iou=float(d["iou_threshold"]), max_det=int(d["max_detections"]),

@@ -135,3 +135,34 @@ def ground_msg(det: Any, points: np.ndarray, header: Header, base_frame: str,
             id=str(i), class_id=str(det.class_names[i]), score=float(det.scores[i]),
             position=Point(x=float(p[0]), y=float(p[1]), z=float(p[2])), valid=ok))
     return msg
+
+
+def mask_detections_msg(det: Any, masks: Any, header: Header) -> Any:
+    """``masks/detections``: one Detection2D per prompt with ``id`` = its mask id in the
+    ``masks`` image (prompt index + 1), bbox = the mask's bounding box, results = the
+    detector's class and score (when the prompt is a detection) plus a hypothesis
+    ``mask_score`` with SAM's predicted IoU."""
+    from vision_msgs.msg import (BoundingBox2D, Detection2D, Detection2DArray,
+                                 ObjectHypothesis, ObjectHypothesisWithPose)
+
+    out = Detection2DArray(header=copy_header(header))
+    for i in range(len(masks.scores)):
+        d = Detection2D(header=copy_header(header), id=str(i + 1))
+        x1, y1, x2, y2 = (float(v) for v in masks.bboxes[i])
+        d.bbox = BoundingBox2D(size_x=x2 - x1, size_y=y2 - y1)
+        d.bbox.center.position.x = (x1 + x2) / 2.0
+        d.bbox.center.position.y = (y1 + y2) / 2.0
+        if det is not None and i < masks.n_detection_prompts:
+            d.results.append(ObjectHypothesisWithPose(hypothesis=ObjectHypothesis(
+                class_id=str(det.class_names[i]), score=float(det.scores[i]))))
+        d.results.append(ObjectHypothesisWithPose(hypothesis=ObjectHypothesis(
+            class_id="mask_score", score=float(masks.scores[i]))))
+        out.detections.append(d)
+    return out
+
+
+def classification_msg(labels: Sequence[tuple[str, float]], header: Header) -> Any:
+    from vision_msgs.msg import Classification, ObjectHypothesis
+
+    return Classification(header=copy_header(header), results=[
+        ObjectHypothesis(class_id=str(n), score=float(s)) for n, s in labels])

@@ -12,6 +12,8 @@ counter in /diagnostics, and the next good frame is processed.
 """
 from __future__ import annotations
 
+import logging
+import math
 import threading
 import time
 from collections import deque
@@ -29,7 +31,8 @@ from rclpy.qos_overriding_options import QoSOverridingOptions
 from sensor_msgs.msg import CameraInfo, Image
 
 from perception2d_ros.core.flow import ApproximateSync, ErrorReporter, LatestSlot, error_key
-from perception2d_ros.core.pipeline import Frame, Pipeline, build_pipeline, merge_config
+from perception2d_ros.core.pipeline import (INTERPOLATIONS, STAGE_GROUPS, STAGE_ORDER, Frame,
+                                             Pipeline, build_pipeline, merge_config)
 from perception2d_ros.ros import conversions as conv
 from perception2d_ros.ros.publishing import FrameRunner
 
@@ -45,6 +48,62 @@ NODE_KINDS: dict[str, dict[str, Any]] = {
     "detector_node": {"stages": ["detect"], "input": "rect"},
     "pipeline_node": {"stages": ["rectify", "detect"], "input": "raw"},
 }
+
+
+def _choice(*allowed: str) -> Any:
+    return lambda v: None if v in allowed else f"'{v}' must be one of {', '.join(allowed)}"
+
+
+def _number(lo: float, hi: float = float("inf"), lo_open: bool = False) -> Any:
+    def check(v: Any) -> str | None:
+        ok = (isinstance(v, (int, float)) and math.isfinite(v)
+              and (lo < v if lo_open else lo <= v) and v <= hi)
+        return None if ok else (f"{v} is outside {'(' if lo_open else '['}{lo:g}, {hi:g}"
+                                f"{']' if math.isfinite(hi) else ')'}")
+    return check
+
+
+#: parameter → check(value) returning the reason it is invalid (None = valid). Used by the
+#: set-parameters callback (runtime changes) and at configure (values given at start).
+PARAMETER_CHECKS: dict[str, Any] = {
+    "input": _choice("raw", "rect"),
+    "stages": lambda v: None if all(s in STAGE_ORDER for s in v) else
+    f"{list(v)}: stages must be among {list(STAGE_ORDER)}",
+    "interpolation": _choice(*INTERPOLATIONS),
+    "output_encoding": _choice("passthrough", "bgr8", "rgb8", "mono8"),
+    "image_reliability": _choice("best_effort", "reliable"),
+    "sync_slop_ms": _number(0.0),
+    "diagnostics_period_s": _number(0.0, lo_open=True),
+    "detect.backend": _choice("auto", "tensorrt", "onnxruntime", "torch"),
+    "detect.device": _choice("auto", "cpu", "cuda"),
+    "detect.precision": _choice("fp32", "fp16", "int8"),
+    "detect.threads": _number(0),
+    "detect.conf_threshold": _number(0.0, 1.0),
+    "detect.iou_threshold": _number(0.0, 1.0),
+    "detect.max_detections": _number(1),
+}
+
+
+def check_parameter(name: str, value: Any) -> str | None:
+    """Why ``value`` is invalid for parameter ``name`` ("name: reason"), or None."""
+    check = PARAMETER_CHECKS.get(name)
+    reason = check(value) if check is not None else None
+    return f"{name}: {reason}" if reason else None
+
+
+class _CoreLogToNode(logging.Handler):
+    """Warnings of the core modules raised by this thread (while the node configures: engine
+    fallback, TensorRT builds, ignored options) go to the node's log and /rosout."""
+
+    def __init__(self, logger: Any) -> None:
+        super().__init__(logging.WARNING)
+        self._logger = logger
+        self._thread = threading.get_ident()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.thread == self._thread:
+            log = self._logger.error if record.levelno >= logging.ERROR else self._logger.warning
+            log(record.getMessage())
 
 
 class CameraIO:
@@ -90,6 +149,7 @@ class PerceptionNode(LifecycleNode):
         self.frames_out = 0
         self._diag_timer = None
         self.add_on_set_parameters_callback(self._on_set_parameters)
+        self.add_post_set_parameters_callback(self._on_parameters_applied)
         if self.get_parameter("autostart").value:
             self.trigger_configure()
             if self._state_machine.current_state[1] == "inactive":
@@ -117,21 +177,26 @@ class PerceptionNode(LifecycleNode):
         p("sync_slop_ms", 20.0, _desc("max image/camera_info stamp difference"))
         p("publish_debug_image", False, _desc("publish the annotated debug_image"))
         p("diagnostics_period_s", 1.0, _desc("period of /diagnostics"))
-        for key, value in d["detect"].items():
-            p(f"detect.{key}", value if value != [] else [""],
-              _desc(f"detector {key}"))
-        for key, value in d["extrinsics"].items():
-            p(f"extrinsics.{key}", value, _desc(f"camera pose in the base frame: {key}"))
+        p("vocabulary", d["vocabulary"], _desc(
+            "open-vocabulary phrases shared by CLIP and LSeg; changeable at runtime (also via "
+            "the `vocabulary` topic, comma-separated); [''] = the stage's default"))
+        what = {"detect": "detector", "extrinsics": "camera pose in the base frame",
+                "sam": "SAM masks", "clip": "CLIP labels", "lseg": "LSeg label map"}
+        for group in STAGE_GROUPS:
+            for key, value in d[group].items():
+                p(f"{group}.{key}", value if value != [] else [""],
+                  _desc(f"{what[group]}: {key}"))
 
     def _config_from_params(self) -> dict[str, Any]:
         g = lambda n: self.get_parameter(n).value  # noqa: E731
+        defaults = merge_config(None)
         cfg = merge_config({
             "stages": list(g("stages")),
             "interpolation": g("interpolation"),
             "output_encoding": g("output_encoding"),
             "models_dir": g("models_dir"),
-            "detect": {k: g(f"detect.{k}") for k in merge_config(None)["detect"]},
-            "extrinsics": {k: g(f"extrinsics.{k}") for k in merge_config(None)["extrinsics"]},
+            "vocabulary": [v for v in g("vocabulary") if v],
+            **{grp: {k: g(f"{grp}.{k}") for k in defaults[grp]} for grp in STAGE_GROUPS},
         })
         cfg["detect"]["classes"] = [c for c in cfg["detect"]["classes"] if c]
         cfg["extrinsics"]["translation"] = list(cfg["extrinsics"]["translation"])
@@ -140,18 +205,27 @@ class PerceptionNode(LifecycleNode):
 
     def _on_set_parameters(self, params: Sequence[Any]) -> SetParametersResult:
         for prm in params:
-            if prm.name == "input" and prm.value not in ("raw", "rect"):
-                return SetParametersResult(successful=False,
-                                           reason=f"input: '{prm.value}' must be raw or rect")
-            if prm.name in ("detect.conf_threshold", "detect.iou_threshold") and \
-                    not 0.0 <= float(prm.value) <= 1.0:
-                return SetParametersResult(successful=False,
-                                           reason=f"{prm.name}: {prm.value} is outside [0, 1]")
+            reason = check_parameter(prm.name, prm.value)
+            if reason:
+                return SetParametersResult(successful=False, reason=reason)
         return SetParametersResult(successful=True)
 
     # ----------------------------------------------------------------- lifecycle
     def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
+        core_log = logging.getLogger("perception2d")  # engine fallback, TensorRT builds …
+        to_node = _CoreLogToNode(self.get_logger())
+        core_log.addHandler(to_node)
         try:
+            return self._configure()
+        finally:
+            core_log.removeHandler(to_node)
+
+    def _configure(self) -> TransitionCallbackReturn:
+        try:
+            for name in PARAMETER_CHECKS:  # values given at start bypass the set callback
+                reason = check_parameter(name, self.get_parameter(name).value)
+                if reason:
+                    raise ValueError(reason)
             self.cfg = self._config_from_params()
             self.pipeline = build_pipeline(self.cfg, log=self.get_logger().info)
         except Exception as exc:  # a model/parameter problem: stay unconfigured, say why
@@ -178,6 +252,21 @@ class PerceptionNode(LifecycleNode):
                 pub(LabelInfo, "detections/label_info", LATCHED)
                 if self.cfg["extrinsics"]["enabled"]:
                     pub(GroundPositionArray, "detections/ground", RESULTS)
+            if "sam" in names:
+                from vision_msgs.msg import Detection2DArray
+
+                pub(Image, "masks", RESULTS)
+                pub(Detection2DArray, "masks/detections", RESULTS)
+            if "clip" in names:
+                from vision_msgs.msg import Classification, LabelInfo
+
+                pub(Classification, "clip/labels", RESULTS)
+                pub(LabelInfo, "clip/label_info", LATCHED)
+            if "lseg" in names:
+                from vision_msgs.msg import LabelInfo
+
+                pub(Image, "labels", RESULTS)
+                pub(LabelInfo, "labels/label_info", LATCHED)
             if debug:
                 pub(Image, "debug_image", qos_profile_sensor_data)
         self._diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
@@ -215,6 +304,7 @@ class PerceptionNode(LifecycleNode):
                     CameraInfo, cam.topic("camera_info_rect"),
                     lambda m, cam=cam: setattr(cam, "rect_info", m), qos,
                     event_callbacks=events))
+        self._subscribe_runtime_inputs()
         self._publish_label_info()
         self._running = True
         self._worker = threading.Thread(target=self._work, name=f"{self.get_name()}-worker",
@@ -249,11 +339,15 @@ class PerceptionNode(LifecycleNode):
         return TransitionCallbackReturn.SUCCESS
 
     def _release_pipeline(self) -> None:
+        """Free every stage's engines (GPU memory) — cleanup must leave nothing loaded."""
         if self.pipeline is not None:
             for stage in self.pipeline.stages:
-                engine = getattr(getattr(stage, "detector", None), "engine", None)
-                if engine is not None:
-                    engine.close()
+                for attr in ("detector", "segmenter", "labeler"):
+                    obj = getattr(stage, attr, None)
+                    closer = getattr(obj, "close", None) or getattr(
+                        getattr(obj, "engine", None), "close", None)
+                    if closer is not None:
+                        closer()
         self.pipeline = None
 
     def _stop_worker(self) -> None:
@@ -264,6 +358,68 @@ class PerceptionNode(LifecycleNode):
             self._worker = None
 
     # ----------------------------------------------------------------- inputs
+    # ----------------------------------------------------------------- runtime inputs
+    def _stage(self, name: str) -> Any:
+        if self.pipeline is None:
+            return None
+        return next((s for s in self.pipeline.stages if s.name == name), None)
+
+    def _subscribe_runtime_inputs(self) -> None:
+        """``vocabulary`` (std_msgs/String, comma-separated) for CLIP/LSeg; ``sam/prompts``
+        (perception2d_interfaces/SegmentPrompt) for SAM, matched to frames by stamp."""
+        if self._stage("clip") is not None or self._stage("lseg") is not None:
+            from std_msgs.msg import String
+
+            self._subs.append(self.create_subscription(
+                String, "vocabulary", lambda m: self._set_vocabulary(
+                    [p.strip() for p in m.data.split(",") if p.strip()], "topic"), RESULTS))
+        sam = self._stage("sam")
+        if sam is not None:
+            from perception2d_interfaces.msg import SegmentPrompt
+
+            def on_prompt(m: Any) -> None:
+                pts = np.array([[p.x, p.y] for p in m.points], np.float64).reshape(-1, 2)
+                labels = np.asarray(m.point_labels, np.float32)
+                boxes = np.asarray(m.boxes, np.float64)
+                if len(labels) != len(pts) or boxes.size % 4:
+                    self.errors.report("prompt", f"prompt: {len(pts)} points with "
+                                       f"{len(labels)} point_labels and {boxes.size} box values"
+                                       " (need one label per point, 4 values per box); ignored")
+                    return
+                sam.prompts.add(conv.stamp_to_ns(m.header.stamp), pts if len(pts) else None,
+                                labels if len(pts) else None,
+                                boxes.reshape(-1, 4) if boxes.size else None)
+
+            for cam in self.cams:
+                self._subs.append(self.create_subscription(
+                    SegmentPrompt, cam.topic("sam/prompts"), on_prompt, RESULTS))
+
+    def _set_vocabulary(self, phrases: list[str], source: str) -> str | None:
+        """Apply a new vocabulary to CLIP and LSeg (LSeg keeps its own if lseg.vocabulary
+        is set). Frames already in flight finish with the vocabulary they started with."""
+        if not phrases:
+            return "vocabulary: empty"
+        try:
+            for name in ("clip", "lseg"):
+                stage = self._stage(name)
+                if stage is None:
+                    continue
+                if name == "lseg" and [v for v in self.get_parameter("lseg.vocabulary").value
+                                       if v]:
+                    continue
+                stage.set_vocabulary(phrases, [t for t in self.get_parameter(
+                    f"{name}.templates").value if t] or None)
+        except Exception as exc:  # text encoder failure: keep the old vocabulary
+            self.get_logger().error(f"vocabulary change from {source} failed: {exc}")
+            return f"vocabulary: {exc}"
+        self.get_logger().info(f"vocabulary ({source}): {len(phrases)} phrases")
+        return None
+
+    def _on_parameters_applied(self, params: Sequence[Any]) -> None:
+        for prm in params:
+            if prm.name == "vocabulary" and self.pipeline is not None:
+                self._set_vocabulary([v for v in prm.value if v], "parameter")
+
     def _on_incompatible_qos(self, event: Any) -> None:
         self.errors.report("qos", f"incompatible QoS with a publisher (policy "
                                   f"{event.last_policy_kind}): no messages will arrive; set "
@@ -284,8 +440,9 @@ class PerceptionNode(LifecycleNode):
         cam.frames_in += 1
         cam.sync.add_image(msg)
         last = cam.sync.last_info_time
-        if (last is None and cam.frames_in >= 3) or \
-                (last is not None and time.monotonic() - last > 2.0):
+        # missing = several images in a row with no camera_info, none for 2 s (one image
+        # just ahead of its camera_info after a pause is not)
+        if cam.sync.images_since_info >= 3 and (last is None or time.monotonic() - last > 2.0):
             self.errors.report("camera_info", "camera_info: none received on "
                                f"{self.resolve_topic_name(cam.topic('camera_info'))}"
                                + ("" if last is None else

@@ -21,6 +21,7 @@ TOPIC_TYPES = {
     "labels": "sensor_msgs/msg/Image",
     "labels/label_info": "vision_msgs/msg/LabelInfo",
     "clip/labels": "vision_msgs/msg/Classification",
+    "clip/label_info": "vision_msgs/msg/LabelInfo",
     "debug_image": "sensor_msgs/msg/Image",
 }
 
@@ -41,10 +42,17 @@ def frame_messages(frame: Frame, header: Header, *, base_frame: str = "base_link
         if frame.ground is not None:
             out.append(("detections/ground", conv.ground_msg(
                 frame.detections, frame.ground, header, base_frame, plane_height)))
-    for extra_stage in ("masks", "clip", "labels"):
-        result = getattr(frame, extra_stage)
-        if result is not None and hasattr(result, "to_messages"):
-            out.extend(result.to_messages(frame, header))
+    if frame.masks is not None:
+        out.append(("masks", conv.array_to_image_msg(frame.masks.instance_ids, "mono16", header)))
+        out.append(("masks/detections",
+                    conv.mask_detections_msg(frame.detections, frame.masks, header)))
+    if frame.clip is not None and frame.clip.frame_labels:
+        out.append(("clip/labels", conv.classification_msg(frame.clip.frame_labels, header)))
+    if frame.labels is not None:
+        lm = frame.labels.label_map
+        small = len(frame.labels.vocabulary) < 255 and frame.labels.other_value == 255
+        out.append(("labels", conv.array_to_image_msg(
+            lm.astype("uint8") if small else lm, "mono8" if small else "mono16", header)))
     if debug_image:
         from perception2d_ros.core.debug_draw import draw_frame
 
@@ -61,6 +69,7 @@ class FrameRunner:
         self.cfg = cfg
         self.debug_image = debug_image
         self.cameras = conv.CameraModelCache()
+        self._vocab_published: dict[str, int] = {}
 
     def run(self, image_msg: Any, info_msg: Any) -> tuple[Frame, list[tuple[str, Any]]]:
         """Raises ValueError naming the field for bad input (nothing is published then)."""
@@ -79,6 +88,16 @@ class FrameRunner:
         e = self.cfg["extrinsics"]
         msgs = frame_messages(frame, image_msg.header, base_frame=e["parent_frame"],
                               plane_height=float(e["plane_height"]), debug_image=self.debug_image)
+        # LabelInfo for an open vocabulary goes out (latched) before the first output computed
+        # with it, stamped with that frame: consumers always know which vocabulary they see
+        for topic, result in (("clip/label_info", frame.clip), ("labels/label_info", frame.labels)):
+            if result is not None and self._vocab_published.get(topic) != result.version:
+                self._vocab_published[topic] = result.version
+                names, ids = list(result.vocabulary), list(range(len(result.vocabulary)))
+                other = getattr(result, "other_value", None)
+                if other is not None and other not in ids:
+                    names, ids = names + ["other"], ids + [int(other)]
+                msgs.insert(0, (topic, conv.label_info_msg(names, image_msg.header, ids=ids)))
         return frame, msgs
 
     def label_info(self) -> list[tuple[str, Any]]:

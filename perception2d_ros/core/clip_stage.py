@@ -1,0 +1,103 @@
+"""Pipeline stage: CLIP open-vocabulary labels for every detection crop and the whole frame,
+all in one image-tower call per frame. The vocabulary can change at runtime
+(:meth:`ClipStage.set_vocabulary`); each frame's result records the vocabulary it used."""
+from __future__ import annotations
+
+import time
+from typing import Any, Sequence
+
+import numpy as np
+
+from perception2d_ros.core.stage_results import ClipFrameResult
+
+DEFAULTS = {"model": "clip_vit_b32", "checkpoint": "", "backend": "auto", "device": "auto",
+            "precision": "fp32", "templates": [""], "top_k": 3, "padding": 0.1,
+            "mode": "extend", "frame_labels": True}
+DEFAULT_VOCABULARY = ["person", "chair", "table", "door", "bag", "bottle", "cup", "laptop",
+                      "dog", "cat", "car", "bicycle", "plant", "box", "robot"]
+
+
+class ClipStage:
+    name = "clip"
+
+    def __init__(self, labeler: Any, phrases: Sequence[str], templates: Sequence[str] | None,
+                 top_k: int = 3, padding: float = 0.1, mode: str = "extend",
+                 frame_labels: bool = True) -> None:
+        if mode not in ("extend", "replace"):
+            raise ValueError(f"clip.mode: '{mode}' must be extend or replace")
+        self.labeler = labeler
+        self.top_k = int(top_k)
+        self.padding = float(padding)
+        self.mode = mode
+        self.frame_labels = frame_labels
+        self.set_vocabulary(phrases, templates)
+
+    def set_vocabulary(self, phrases: Sequence[str], templates: Sequence[str] | None = None
+                       ) -> Any:
+        """Change the vocabulary (text embeddings from the cache, computed once per phrase)."""
+        phrases = [p for p in phrases if p]
+        if not phrases:
+            raise ValueError("vocabulary: at least one phrase is needed")
+        temps = [t for t in (templates or []) if t] or None
+        return self.labeler.set_vocabulary(phrases, temps)
+
+    @property
+    def vocabulary(self) -> tuple[str, ...]:
+        return tuple(self.labeler.vocabulary.phrases)
+
+    def process(self, frame: Any) -> None:
+        t0 = time.perf_counter()
+        image = frame.bgr()
+        det = frame.detections
+        boxes = np.asarray(det.xyxy, np.float64).reshape(-1, 4) if det is not None \
+            else np.zeros((0, 4))
+        parts, metas = [], []
+        if len(boxes):
+            x, meta = self.labeler.preprocess(image, boxes, self.padding)
+            parts.append(x)
+            metas.append(meta)
+        if self.frame_labels:
+            x, meta = self.labeler.preprocess(image)
+            parts.append(x)
+            metas.append(meta)
+        hyps: list[list[tuple[str, float]]] = []
+        frame_top: list[tuple[str, float]] = []
+        version, phrases = None, ()
+        if parts:
+            emb = self.labeler.infer(np.concatenate(parts))["image_embeds"]  # one call
+            start = 0
+            for meta, x in zip(metas, parts):
+                res = self.labeler.postprocess({"image_embeds": emb[start:start + len(x)]},
+                                               meta, self.top_k)
+                start += len(x)
+                version, phrases = meta["version"], tuple(meta["phrases"])
+                if meta["boxes"] is not None:
+                    for i, r in enumerate(res):
+                        clip = [(lab.name, lab.score) for lab in r.labels]
+                        own = [(str(det.class_names[i]), float(det.scores[i]))]
+                        hyps.append(own + clip if self.mode == "extend" else clip)
+                else:
+                    frame_top = [(lab.name, lab.score) for lab in res[0].labels]
+        else:
+            version = self.labeler.vocabulary.version
+            phrases = self.vocabulary
+        frame.clip = ClipFrameResult(hyps if len(boxes) else None, frame_top, phrases,
+                                     int(version))
+        frame.vocabulary_version = int(version)
+        frame.timings[self.name] = time.perf_counter() - t0
+
+
+def build_stage(cfg: dict[str, Any]) -> ClipStage:
+    from perception2d_ros.core.clip.labeler import ClipLabeler
+    from perception2d_ros.core.clip.model import resolve_export
+    from perception2d_ros.core.engines import EngineConfig
+
+    c = {**DEFAULTS, **(cfg.get("clip") or {})}
+    sidecar = resolve_export(c["model"], checkpoint=c["checkpoint"] or None,
+                             models_dir=cfg.get("models_dir") or None)
+    labeler = ClipLabeler(sidecar, EngineConfig(backend=c["backend"], device=c["device"],
+                                                precision=c["precision"]),
+                          padding=float(c["padding"]))
+    phrases = [p for p in cfg.get("vocabulary") or [] if p] or DEFAULT_VOCABULARY
+    return ClipStage(labeler, phrases, c["templates"], c["top_k"], c["padding"], c["mode"],
+                     bool(c["frame_labels"]))
