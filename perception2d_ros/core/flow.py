@@ -64,9 +64,11 @@ class ApproximateSync:
         self._lock = threading.Lock()
         self.unmatched_images = 0
         self.last_info_time: float | None = None
+        self.images_since_info = 0  # images received since the last camera_info
 
     def add_image(self, msg: Any) -> None:
         with self._lock:
+            self.images_since_info += 1
             info = self._match(self._stamp(msg), self._infos)
             if info is None:
                 self._images.append(msg)
@@ -80,6 +82,7 @@ class ApproximateSync:
         self.last_info_time = time.monotonic()
         pairs = []
         with self._lock:
+            self.images_since_info = 0
             self._infos.append(msg)
             ts = self._stamp(msg)
             keep = deque()

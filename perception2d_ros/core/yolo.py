@@ -260,10 +260,12 @@ class YoloDetector:
 
     def _input_hw(self, input_size: Sequence[int] | None) -> tuple[int, int]:
         shape = self.input_spec.shape
+        fix = ("; this is not a YOLO detector for colour images: export it with one NCHW "
+               "1x3xHxW float input, or choose another model (detect.model)")
         if len(shape) != 4:
-            raise ValueError(f"input '{self.input_name}' must be NCHW (rank 4); got {shape}")
+            raise ValueError(f"input '{self.input_name}' must be NCHW (rank 4); got {shape}{fix}")
         if isinstance(shape[1], int) and shape[1] != 3:
-            raise ValueError(f"input '{self.input_name}' must have 3 channels; got {shape}")
+            raise ValueError(f"input '{self.input_name}' must have 3 channels; got {shape}{fix}")
         h, w = shape[2], shape[3]
         if isinstance(h, int) and h > 0 and isinstance(w, int) and w > 0:
             if isinstance(input_size, int):
