@@ -39,3 +39,18 @@ def _configure_ros_env() -> None:
 
 
 _configure_ros_env()
+
+
+@pytest.fixture(scope="session")
+def sam_random_export(tmp_path_factory):
+    """The official SAM ViT-B architecture with seeded random weights, saved as an official
+    .pth and exported through our path once per session: (checkpoint, export dict, out dir).
+    Shared by the SAM parity tests and the SAM pipeline-stage test."""
+    pytest.importorskip("segment_anything", reason="SAM export needs segment-anything (test extra)")
+    from perception2d_ros.core import sam_export
+
+    root = tmp_path_factory.mktemp("sam")
+    ckpt = sam_export.save_checkpoint(sam_export.random_state_dict("vit_b", seed=0),
+                                      root / "sam_vit_b_random.pth")
+    out = root / "exports"
+    return ckpt, sam_export.export_onnx(None, ckpt, out), out

@@ -156,3 +156,44 @@ def test_lseg_stage_publishes_label_maps(harness, b32, lseg_small, data_dir):
     np.testing.assert_array_equal(got, ref.label_map.astype(np.uint8))
     assert set(np.unique(got)) <= set(range(len(vocab))) | {255}
     seg.close()
+
+
+def test_sam_stage_masks_every_detection(harness, sam_random_export, data_dir):
+    """detect → SAM in one pipeline_node: one encoder run per frame, a mono16 instance-id
+    image aligned to the input, masks/detections with mask ids and scores, identical to the
+    offline SamSegmenter on the detector's boxes."""
+    from perception2d_ros.core.sam import SamSegmenter, instance_id_image
+    from perception2d_ros.core.yolo import YoloDetector
+
+    _, files, _ = sam_random_export
+    node = PerceptionNode("pipeline_node", context=harness.context, namespace="/camera",
+                          parameter_overrides=[
+                              Parameter("stages", value=["detect", "sam"]),
+                              Parameter("input", value="rect"),
+                              Parameter("sam.model", value=str(files["meta"]))])
+    harness.add_node(node)
+    assert node.pipeline is not None and node.pipeline.names == ["detect", "sam"]
+    masks = harness.subscribe(Image, "/camera/masks", RELIABLE)
+    mdets = harness.subscribe(Detection2DArray, "/camera/masks/detections", RELIABLE)
+    pub = harness.publisher(Image, "/camera/image_rect", BEST_EFFORT)
+    assert harness.wait_matched(pub)
+    img, msg = _frames(data_dir, 1)[0]
+    _send(harness, pub, masks, msg, timeout=120)
+    assert wait_for(lambda: len(mdets) == 1, 10)
+    out = masks[0]
+    assert (out.width, out.height, out.encoding) == (img.shape[1], img.shape[0], "mono16")
+    assert out.header.stamp == msg.header.stamp
+    got = np.frombuffer(bytes(out.data), np.uint16).reshape(img.shape[:2])
+    det = YoloDetector.from_model("yolox_nano", conf=0.3, iou=0.45).detect(img)
+    seg = SamSegmenter.from_exported(files, CPU)
+    seg.set_image(img)
+    ref = seg.predict(boxes=det.xyxy)
+    np.testing.assert_array_equal(got, instance_id_image(ref))
+    assert len(mdets[0].detections) == len(det) > 0
+    for i, d in enumerate(mdets[0].detections):
+        assert d.id == str(i + 1)
+        assert d.results[0].hypothesis.class_id == det.class_names[i]
+        assert d.results[-1].hypothesis.class_id == "mask_score"
+        assert abs(d.results[-1].hypothesis.score - float(ref.scores[i])) < 1e-5
+    sam_stage = next(s for s in node.pipeline.stages if s.name == "sam")
+    assert sam_stage.segmenter.encoder_calls == 1  # one encoder run for all boxes
