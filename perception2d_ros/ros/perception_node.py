@@ -542,6 +542,8 @@ class PerceptionNode(LifecycleNode):
         return values
 
     def _publish_diagnostics(self) -> None:
+        if not self.context.ok():  # shutting down (Ctrl-C): nothing to publish to
+            return
         values = self.diagnostics()
         errors = sum(self.errors.counts.values())
         status = DiagnosticStatus(
@@ -552,7 +554,11 @@ class PerceptionNode(LifecycleNode):
             values=[KeyValue(key=k, value=v) for k, v in values.items()])
         msg = DiagnosticArray(status=[status])
         msg.header.stamp = self.get_clock().now().to_msg()
-        self._diag_pub.publish(msg)
+        try:
+            self._diag_pub.publish(msg)
+        except Exception:  # the context went away between the check and the publish
+            if self.context.ok():
+                raise
 
 
 def run_nodes(nodes: Sequence[Any]) -> None:
