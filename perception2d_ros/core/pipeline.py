@@ -216,6 +216,7 @@ DEFAULTS: dict[str, Any] = {
         "parent_frame": "base_link",
         "translation": [0.0, 0.0, 0.0],
         "rotation_rpy": [0.0, 0.0, 0.0],
+        "rotation_quaternion": [0.0, 0.0, 0.0, 0.0],
         "plane_height": 0.0,
     },
 }
@@ -273,6 +274,9 @@ def validate_config(cfg: dict[str, Any]) -> None:
     e = cfg["extrinsics"]
     if len(e["translation"]) != 3 or len(e["rotation_rpy"]) != 3:
         raise ValueError("extrinsics.translation and extrinsics.rotation_rpy need 3 values each")
+    if len(e.get("rotation_quaternion") or [0] * 4) != 4:
+        raise ValueError("extrinsics.rotation_quaternion needs 4 values [x, y, z, w] "
+                         "(all 0 = use rotation_rpy)")
 
 
 def build_pipeline(cfg: dict[str, Any], log: Callable[[str], None] = LOG.info) -> Pipeline:
@@ -299,8 +303,17 @@ def build_pipeline(cfg: dict[str, Any], log: Callable[[str], None] = LOG.info) -
         if e["enabled"]:
             from perception2d_ros.core.camera import Extrinsics
 
-            extr = Extrinsics.from_body_pose(e["translation"], e["rotation_rpy"],
-                                             parent_frame=e["parent_frame"])
+            q = [float(v) for v in e.get("rotation_quaternion") or []]
+            if any(q):  # camera body orientation as a quaternion [x, y, z, w] (URDF style)
+                from perception2d_ros.core.camera import BODY_TO_OPTICAL
+
+                body = Extrinsics.from_quaternion(e["translation"], q,
+                                                  parent_frame=e["parent_frame"])
+                extr = Extrinsics(e["parent_frame"], body.translation,
+                                  body.rotation @ BODY_TO_OPTICAL)
+            else:
+                extr = Extrinsics.from_body_pose(e["translation"], e["rotation_rpy"],
+                                                 parent_frame=e["parent_frame"])
         stages.append(DetectStage(detector, extr, float(e["plane_height"])))
         log(f"detect: {detector.describe() if hasattr(detector, 'describe') else d['model']}")
     for name in ("sam", "clip", "lseg"):
