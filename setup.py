@@ -30,6 +30,9 @@ setup(
             "rectify_node = perception2d_ros.ros.rectify_node:main",
             "detector_node = perception2d_ros.ros.detector_node:main",
             "pipeline_node = perception2d_ros.ros.pipeline_node:main",
+            "sam_node = perception2d_ros.ros.sam_node:main",
+            "clip_node = perception2d_ros.ros.clip_node:main",
+            "lseg_node = perception2d_ros.ros.lseg_node:main",
         ],
     },
 )

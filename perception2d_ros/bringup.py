@@ -12,6 +12,9 @@ import yaml
 SEPARATE_NODES = [  # stage → node kind in separate-node mode, in pipeline order
     ("rectify", "rectify_node"),
     ("detect", "detector_node"),
+    ("sam", "sam_node"),
+    ("clip", "clip_node"),
+    ("lseg", "lseg_node"),
 ]
 ALL_STAGES = ("rectify", "detect", "sam", "clip", "lseg")
 
@@ -93,21 +96,28 @@ def node_list(*, pipeline: bool = True, params_file: str | Path | None = None,
                          "perception2d_ros.ros.pipeline_node", [pfile],
                          {"stages": stages}, remap_in)]
     specs = []
+    # with CLIP on, the detector's boxes go to detections/raw and clip_node publishes the
+    # labelled `detections` — the same topic and content as pipeline mode
+    raw_dets = "detections/raw" if "clip" in stages else "detections"
     for stage, kind in SEPARATE_NODES:
         if stage not in stages:
             continue
         overrides: dict[str, Any] = {"stages": [stage]}
-        if kind == "detector_node" and "rectify" not in stages:
-            overrides["input"] = "raw"  # detect on raw images with in-process sync
-        remaps = remap_in if kind == "rectify_node" or "rectify" not in stages else []
+        remaps: list[tuple[str, str]] = []
+        if kind == "rectify_node":
+            remaps = list(remap_in)
+        elif kind == "detector_node":
+            if "rectify" not in stages:  # images are used as they come (no rectification)
+                remaps = [("image_rect", image_topic), ("camera_info_rect", camera_info_topic)]
+            if raw_dets != "detections":
+                remaps.append(("detections", raw_dets))
+        else:
+            if "rectify" not in stages:
+                remaps.append(("image_rect", image_topic))
+            if kind in ("sam_node", "clip_node"):
+                remaps.append(("detections_in", raw_dets))
         specs.append(NodeSpec(kind, kind, f"perception2d_ros.ros.{kind}", [pfile],
                               overrides, remaps))
-    missing = [s for s in stages if s not in dict(SEPARATE_NODES)]
-    if missing:
-        # stages without a dedicated node yet run in one pipeline_node after detection
-        specs.append(NodeSpec("pipeline_node", "pipeline_node",
-                              "perception2d_ros.ros.pipeline_node", [pfile],
-                              {"stages": missing, "input": "rect"}, []))
     return specs
 
 

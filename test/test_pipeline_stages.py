@@ -197,3 +197,46 @@ def test_sam_stage_masks_every_detection(harness, sam_random_export, data_dir):
         assert abs(d.results[-1].hypothesis.score - float(ref.scores[i])) < 1e-5
     sam_stage = next(s for s in node.pipeline.stages if s.name == "sam")
     assert sam_stage.segmenter.encoder_calls == 1  # one encoder run for all boxes
+
+
+def test_separate_clip_node_matches_pipeline_mode(harness, b32, data_dir, tmp_path):
+    """detector_node → clip_node (over topics, exact-stamp pairing) publishes the same labelled
+    detections and frame labels as one pipeline_node running detect + clip."""
+    import yaml
+
+    from perception2d_ros.bringup import node_list
+
+    params = {"/**": {"ros__parameters": {
+        "stages": ["detect", "clip"], "input": "rect",
+        "clip.model": str(b32["exported"]["meta"]), "clip.templates": ["{}"],
+        "vocabulary": VOCAB_A}}}
+    pfile = tmp_path / "p.yaml"
+    pfile.write_text(yaml.safe_dump(params))
+    results = {}
+    for mode, ns in ((True, "/pipe"), (False, "/sep")):
+        for spec in node_list(pipeline=mode, params_file=pfile):
+            args = spec.ros_args(ns, False, "warn")
+            if spec.kind == "pipeline_node":
+                args += ["-p", "input:=rect"]
+            harness.add_node(PerceptionNode(spec.kind, context=harness.context, cli_args=args))
+        results[ns] = (harness.subscribe(Detection2DArray, f"{ns}/detections", RELIABLE),
+                       harness.subscribe(Classification, f"{ns}/clip/labels", RELIABLE))
+    pubs = {"/pipe": harness.publisher(Image, "/pipe/image_rect", BEST_EFFORT),
+            "/sep": harness.publisher(Image, "/sep/image_raw", BEST_EFFORT)}
+    for ns, pub in pubs.items():
+        assert harness.wait_matched(pub, n=1 if ns == "/pipe" else 2)
+    for _, msg in _frames(data_dir, 2):
+        for ns, pub in pubs.items():
+            _send(harness, pub, results[ns][1], msg)
+    assert wait_for(lambda: all(len(r[0]) == 2 for r in results.values()), 20)
+    (pd, pl), (sd, sl) = results["/pipe"], results["/sep"]
+    for a, b in zip(pd, sd):
+        assert a.header == b.header
+        assert len(a.detections) == len(b.detections) > 0
+        for da, db in zip(a.detections, b.detections):
+            assert [h.hypothesis.class_id for h in da.results] == \
+                [h.hypothesis.class_id for h in db.results]
+            np.testing.assert_allclose([h.hypothesis.score for h in da.results],
+                                       [h.hypothesis.score for h in db.results], atol=1e-4)
+    for a, b in zip(pl, sl):
+        assert [r.class_id for r in a.results] == [r.class_id for r in b.results]

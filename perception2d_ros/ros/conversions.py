@@ -166,3 +166,23 @@ def classification_msg(labels: Sequence[tuple[str, float]], header: Header) -> A
 
     return Classification(header=copy_header(header), results=[
         ObjectHypothesis(class_id=str(n), score=float(s)) for n, s in labels])
+
+
+def detections_from_msg(msg: Any) -> Any:
+    """Detection2DArray (from a detector node) → core Detections: the first hypothesis of
+    each detection is its class and score (as detections_msg writes them). Class ids are
+    not carried by vision_msgs; they are numbered by first appearance of each name."""
+    from perception2d_ros.core.detections import Detections
+
+    xyxy, names, scores = [], [], []
+    for d in msg.detections:
+        cx, cy = d.bbox.center.position.x, d.bbox.center.position.y
+        xyxy.append([cx - d.bbox.size_x / 2, cy - d.bbox.size_y / 2,
+                     cx + d.bbox.size_x / 2, cy + d.bbox.size_y / 2])
+        hyp = d.results[0].hypothesis if d.results else None
+        names.append(hyp.class_id if hyp is not None else "")
+        scores.append(hyp.score if hyp is not None else 0.0)
+    ids = {n: i for i, n in enumerate(dict.fromkeys(names))}
+    return Detections(np.asarray(xyxy, np.float32).reshape(-1, 4),
+                      np.asarray(scores, np.float32), np.asarray([ids[n] for n in names]),
+                      names)

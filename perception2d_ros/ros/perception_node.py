@@ -47,6 +47,10 @@ NODE_KINDS: dict[str, dict[str, Any]] = {
     "rectify_node": {"stages": ["rectify"], "input": "raw"},
     "detector_node": {"stages": ["detect"], "input": "rect"},
     "pipeline_node": {"stages": ["rectify", "detect"], "input": "raw"},
+    # downstream stages as separate nodes: image_rect + detections_in (exact stamp match)
+    "sam_node": {"stages": ["sam"], "input": "rect"},
+    "clip_node": {"stages": ["clip"], "input": "rect"},
+    "lseg_node": {"stages": ["lseg"], "input": "rect"},
 }
 
 
@@ -119,6 +123,7 @@ class CameraIO:
         self.last_stamp: dict[str, int] = {}
         self.frames_in = 0
         self.frames_out = 0
+        self.pending: dict[int, dict[str, Any]] = {}  # stamp → image/detections awaiting pair
 
     def topic(self, rel: str) -> str:
         return f"{self.prefix}/{rel}" if self.prefix else rel
@@ -258,8 +263,10 @@ class PerceptionNode(LifecycleNode):
                 pub(Image, "masks", RESULTS)
                 pub(Detection2DArray, "masks/detections", RESULTS)
             if "clip" in names:
-                from vision_msgs.msg import Classification, LabelInfo
+                from vision_msgs.msg import Classification, Detection2DArray, LabelInfo
 
+                if "detect" not in names:  # clip_node: the labelled detections are its output
+                    pub(Detection2DArray, "detections", RESULTS)
                 pub(Classification, "clip/labels", RESULTS)
                 pub(LabelInfo, "clip/label_info", LATCHED)
             if "lseg" in names:
@@ -300,6 +307,12 @@ class PerceptionNode(LifecycleNode):
                 self._subs.append(self.create_subscription(
                     Image, cam.topic("image_rect"), lambda m, cam=cam: self._on_rect_image(cam, m),
                     qos, event_callbacks=events, qos_overriding_options=override))
+                if self._needs_detections_input():
+                    from vision_msgs.msg import Detection2DArray
+
+                    self._subs.append(self.create_subscription(
+                        Detection2DArray, cam.topic("detections_in"),
+                        lambda m, cam=cam: self._on_detections(cam, m), RESULTS))
                 self._subs.append(self.create_subscription(
                     CameraInfo, cam.topic("camera_info_rect"),
                     lambda m, cam=cam: setattr(cam, "rect_info", m), qos,
@@ -452,10 +465,34 @@ class PerceptionNode(LifecycleNode):
     def _on_pair(self, cam: "CameraIO", image: Image, info: CameraInfo) -> None:
         cam.slot.put((image, info, time.monotonic()))
 
+    def _needs_detections_input(self) -> bool:
+        names = self.pipeline.names if self.pipeline is not None else []
+        return "detect" not in names and any(n in names for n in ("sam", "clip"))
+
     def _on_rect_image(self, cam: "CameraIO", msg: Image) -> None:
         self.frames_in += 1
         cam.frames_in += 1
-        cam.slot.put((msg, cam.rect_info, time.monotonic()))
+        if self._needs_detections_input():
+            self._pair_exact(cam, conv.stamp_to_ns(msg.header.stamp), image=msg)
+        else:
+            cam.slot.put((msg, cam.rect_info, time.monotonic()))
+
+    def _on_detections(self, cam: "CameraIO", msg: Any) -> None:
+        self._pair_exact(cam, conv.stamp_to_ns(msg.header.stamp), detections=msg)
+
+    def _pair_exact(self, cam: "CameraIO", stamp: int, **part: Any) -> None:
+        """Images and upstream detections meet by identical stamps (the detector copies the
+        image header); the newest complete pair goes to the slot, stale halves age out."""
+        entry = cam.pending.setdefault(stamp, {})
+        entry.update(part)
+        if "image" in entry and "detections" in entry:
+            del cam.pending[stamp]
+            cam.slot.put((entry["image"], cam.rect_info, time.monotonic(),
+                          entry["detections"]))
+            for old in [t for t in cam.pending if t < stamp]:
+                del cam.pending[old]  # older than a complete pair: can never be newest
+        while len(cam.pending) > 10:
+            cam.pending.pop(min(cam.pending))
 
     @property
     def slot(self) -> LatestSlot:
@@ -474,9 +511,9 @@ class PerceptionNode(LifecycleNode):
                 if item is None:
                     continue
                 served = True
-                image_msg, info_msg, t_recv = item
+                image_msg, info_msg, t_recv = item[:3]
                 try:
-                    self._process(cam, image_msg, info_msg)
+                    self._process(cam, image_msg, info_msg, *item[3:])
                     self._latency.append(time.monotonic() - t_recv)
                 except Exception as exc:  # bad input or a stage failure: log, count, go on
                     self.errors.report(error_key(exc), f"frame {image_msg.header.stamp.sec}."
@@ -485,7 +522,8 @@ class PerceptionNode(LifecycleNode):
             if not served:
                 self._wake.wait(0.2)
 
-    def _process(self, cam: "CameraIO", image_msg: Image, info_msg: CameraInfo | None) -> None:
+    def _process(self, cam: "CameraIO", image_msg: Image, info_msg: CameraInfo | None,
+                 detections_msg: Any = None) -> None:
         stamp = conv.stamp_to_ns(image_msg.header.stamp)
         fid = image_msg.header.frame_id
         last = cam.last_stamp.get(fid)
@@ -496,7 +534,7 @@ class PerceptionNode(LifecycleNode):
             self.errors.report("header.frame_id", f"header.frame_id: '{fid}' differs from the "
                                f"stream's {sorted(cam.last_stamp)}; processed anyway")
         cam.last_stamp[fid] = stamp
-        frame, msgs = self.runner.run(image_msg, info_msg)
+        frame, msgs = self.runner.run(image_msg, info_msg, detections_msg)
         for topic, msg in msgs:
             pub = cam.pubs.get(topic)
             if pub is not None:

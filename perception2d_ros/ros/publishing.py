@@ -71,8 +71,10 @@ class FrameRunner:
         self.cameras = conv.CameraModelCache()
         self._vocab_published: dict[str, int] = {}
 
-    def run(self, image_msg: Any, info_msg: Any) -> tuple[Frame, list[tuple[str, Any]]]:
-        """Raises ValueError naming the field for bad input (nothing is published then)."""
+    def run(self, image_msg: Any, info_msg: Any, detections_msg: Any = None
+            ) -> tuple[Frame, list[tuple[str, Any]]]:
+        """Raises ValueError naming the field for bad input (nothing is published then).
+        ``detections_msg``: upstream detections (separate sam/clip nodes) for this frame."""
         image = conv.image_msg_to_array(image_msg)
         camera = None
         if info_msg is not None:
@@ -84,6 +86,8 @@ class FrameRunner:
         frame = Frame(image=image, encoding=image_msg.encoding,
                       stamp_ns=conv.stamp_to_ns(image_msg.header.stamp),
                       frame_id=image_msg.header.frame_id, camera=camera)
+        if detections_msg is not None:
+            frame.detections = conv.detections_from_msg(detections_msg)
         self.pipeline.run(frame)
         e = self.cfg["extrinsics"]
         msgs = frame_messages(frame, image_msg.header, base_frame=e["parent_frame"],
