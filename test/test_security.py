@@ -434,3 +434,20 @@ def test_nothing_listens_on_a_tcp_port(tmp_path):
         assert new_tcp == set(), f"listening TCP sockets opened by the node: {new_tcp}"
     finally:
         h.close()
+
+
+def test_node_refuses_a_model_path_outside_the_models_dir(tmp_path, models_dir):
+    """detect.model pointing outside models_dir is refused at configure unless
+    detect.allow_outside_models_dir is set (parameters can be set by anyone on the domain)."""
+    import shutil
+
+    from perception2d_ros.core.model_store import ModelFileError
+    from perception2d_ros.core.pipeline import build_pipeline, merge_config
+
+    outside = tmp_path / "elsewhere.onnx"
+    shutil.copy(models_dir / "yolox_nano.onnx", outside)
+    cfg = {"stages": ["detect"], "detect": {"model": str(outside)}}
+    with pytest.raises(ModelFileError, match="models directory"):
+        build_pipeline(merge_config(cfg))
+    cfg["detect"]["allow_outside_models_dir"] = True
+    assert build_pipeline(merge_config(cfg)).names == ["detect"]

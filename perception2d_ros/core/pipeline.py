@@ -209,6 +209,7 @@ DEFAULTS: dict[str, Any] = {
         "iou_threshold": 0.45,
         "max_detections": 100,
         "classes": [],
+        "allow_outside_models_dir": False,  # a detect.model path outside models_dir
         "fallback": True,  # engine build/load failure (GPU OOM …): next backend, warning
     },
     "extrinsics": {
@@ -297,7 +298,8 @@ def build_pipeline(cfg: dict[str, Any], log: Callable[[str], None] = LOG.info) -
         detector = YoloDetector.from_model(
             d["model"], engine_config=ecfg, conf=float(d["conf_threshold"]),
             iou=float(d["iou_threshold"]), max_det=int(d["max_detections"]),
-            classes=list(d["classes"]) or None, models_dir=cfg.get("models_dir") or None)
+            classes=list(d["classes"]) or None, models_dir=cfg.get("models_dir") or None,
+            allow_outside=bool(d.get("allow_outside_models_dir", False)))
         extr = None
         e = cfg["extrinsics"]
         if e["enabled"]:

@@ -221,19 +221,22 @@ class YoloDetector:
                    format: str | None = None, labels: str | Path | Sequence[str] | None = None,
                    conf: float = 0.25, iou: float = 0.45, max_det: int = 100,
                    classes: Sequence[int | str] | None = None, *,
-                   models_dir: str | Path | None = None, **kwargs: Any) -> "YoloDetector":
+                   models_dir: str | Path | None = None, allow_outside: bool = True,
+                   **kwargs: Any) -> "YoloDetector":
         """Load a manifest model (e.g. ``"yolox_nano"``) or an ONNX file.
 
         The file is resolved and sha256-verified by :func:`model_store.resolve`; the engine
         is made by :func:`engines.create_engine` with ``engine_config`` (default: auto).
         ``format`` / ``labels`` default to the manifest entry, then the model itself.
         ``labels``: a labels file (path, or a file name in the models directory) or a list.
+        ``allow_outside``: accept a file path outside the models directory (the CLI: a user
+        naming a file; nodes pass False unless ``detect.allow_outside_models_dir``).
         Extra keyword arguments go to :class:`YoloDetector` (``multi_label``, ...).
         """
         from . import model_store
         from .engines import create_engine
 
-        path, entry = model_store.resolve(name_or_path, models_dir, allow_outside=True)
+        path, entry = model_store.resolve(name_or_path, models_dir, allow_outside=allow_outside)
         engine = create_engine(path, engine_config)
         fmt = format or (entry.format if entry and entry.format in FORMATS + tuple(_ALIASES)
                          else None)
