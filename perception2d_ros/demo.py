@@ -53,6 +53,18 @@ def build_default_bag(out: Path, frames: int) -> Path:
     return out
 
 
+def _reliable(params_file: Path) -> bool:
+    """Play reliable when the nodes subscribe reliable (image_reliability: reliable)."""
+    import yaml
+
+    data = yaml.safe_load(Path(params_file).read_text()) or {}
+    for key in ("/**", "pipeline_node"):
+        block = (data.get(key) or {}).get("ros__parameters") or {}
+        if block.get("image_reliability") == "reliable":
+            return True
+    return False
+
+
 def stage_status(params_file: Path) -> dict[str, str]:
     from perception2d_ros.bringup import enabled_stages
 
@@ -68,7 +80,7 @@ def stage_status(params_file: Path) -> dict[str, str]:
 
 
 def run(bag: Path | None, out_dir: Path, params_file: Path, frames: int, timeout: float,
-        pipeline: bool = True) -> int:
+        pipeline: bool = True, rate: float = 1.0) -> int:
     from tqdm import tqdm
 
     from perception2d_ros.core.bagio import BagReader, bag_info, find_interface_dirs
@@ -119,7 +131,8 @@ def run(bag: Path | None, out_dir: Path, params_file: Path, frames: int, timeout
             log(f"nodes did not come up: {rec_result.get('error', 'timeout')}")
             return 1
         log("playing the bag through the nodes")
-        play(bag, rate=1.0, wait_subscribers=1, wait_timeout=timeout, progress=True,
+        play(bag, rate=rate, wait_subscribers=1, wait_timeout=timeout, progress=True,
+             reliable=_reliable(params_file),
              topics=[image_topics[0], f"{ns}/camera_info"])
         # wait for the last detections (the pipeline works behind the player)
         deadline = time.monotonic() + 30
@@ -244,8 +257,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=60.0)
     p.add_argument("--pipeline", default="true", choices=["true", "false"],
                    help="one process for all stages (true) or one node per stage (false)")
+    p.add_argument("--rate", type=float, default=1.0, help="playback speed factor")
     a = p.parse_args(argv)
-    return run(a.bag, a.out, a.params_file, a.frames, a.timeout, a.pipeline == "true")
+    return run(a.bag, a.out, a.params_file, a.frames, a.timeout, a.pipeline == "true", a.rate)
 
 
 if __name__ == "__main__":

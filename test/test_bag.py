@@ -378,8 +378,10 @@ def test_cli_record_and_play_subprocesses(chess_bag: Path, tmp_path: Path) -> No
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         player = subprocess.run(
+            # reliable: the recorder adapts to the offered QoS, so no message may be lost
+            # between the two processes even on a loaded machine
             [*CLI, "bag", "play", str(chess_bag), "--rate", "4", "--wait-subscribers", "1",
-             "--wait-timeout", "30"],
+             "--wait-timeout", "30", "--reliable"],
             cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
         assert player.returncode == 0, player.stderr
         assert "published 26 messages" in player.stdout

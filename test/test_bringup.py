@@ -101,8 +101,19 @@ def test_launch_file_is_valid_python_using_node_list():
 
 
 def _run_demo(out: Path, pipeline: bool, bag: Path | None = None) -> dict:
+    """The demo with reliable image QoS end to end (player, nodes, recorder), so that the
+    test can demand every frame: with the default sensor-data QoS a loaded CI machine may
+    lose a best-effort frame between processes, which is allowed there."""
     env = dict(os.environ)
-    extra = ["--bag", str(bag)] if bag else []
+    # a domain of its own: participants of earlier in-process tests cannot interfere
+    env["ROS_DOMAIN_ID"] = str(101 + int(env.get("ROS_DOMAIN_ID", "0")) % 100)
+    out.mkdir(parents=True, exist_ok=True)
+    data = yaml.safe_load(DEFAULT_YAML.read_text())
+    data["/**"]["ros__parameters"]["image_reliability"] = "reliable"
+    params = out / "params_reliable.yaml"
+    params.write_text(yaml.safe_dump(data))
+    # half speed (2 Hz): every frame must come out, also on a loaded 2-core CI machine
+    extra = ["--params-file", str(params), "--rate", "0.5"] + (["--bag", str(bag)] if bag else [])
     res = subprocess.run([sys.executable, "-m", "perception2d_ros.demo", "--out", str(out),
                           "--frames", "8", "--pipeline", "true" if pipeline else "false"]
                          + extra,

@@ -316,6 +316,10 @@ def build_pipeline(cfg: dict[str, Any], log: Callable[[str], None] = LOG.info) -
             else:
                 extr = Extrinsics.from_body_pose(e["translation"], e["rotation_rpy"],
                                                  parent_frame=e["parent_frame"])
+        # one warm-up inference at configure: the first run of an engine allocates and
+        # tunes (hundreds of ms), which would otherwise stall the first live frames
+        h, w = detector.input_hw
+        detector.detect(np.zeros((h, w, 3), np.uint8))
         stages.append(DetectStage(detector, extr, float(e["plane_height"])))
         log(f"detect: {detector.describe() if hasattr(detector, 'describe') else d['model']}")
     for name in ("sam", "clip", "lseg"):

@@ -58,8 +58,9 @@ def _subscription_qos(node: Any, topic: str, depth: int) -> tuple[Any, list[Any]
         reliability = ReliabilityPolicy.RELIABLE if all_reliable else ReliabilityPolicy.BEST_EFFORT
         durability = (DurabilityPolicy.TRANSIENT_LOCAL if all_latched
                       else DurabilityPolicy.VOLATILE)
-    else:
-        reliability, durability = ReliabilityPolicy.BEST_EFFORT, DurabilityPolicy.VOLATILE
+    else:  # adaptive, like rosbag2: reliable when every publisher offers it, else best effort
+        reliability = ReliabilityPolicy.RELIABLE if all_reliable else ReliabilityPolicy.BEST_EFFORT
+        durability = DurabilityPolicy.VOLATILE
     qos = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=depth, reliability=reliability,
                      durability=durability)
     # What the publishers offer, in the bag's terms (first publisher; depth as offered).

@@ -41,6 +41,10 @@ LATCHED = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE,
                      history=HistoryPolicy.KEEP_LAST)
 RESULTS = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE,
                      history=HistoryPolicy.KEEP_LAST)
+# Images we publish are offered reliable (keep last 5): compatible with best-effort
+# subscribers (RViz, sensor-data QoS) and reliable ones (recorders, reliable chains).
+IMAGES_OUT = QoSProfile(depth=5, reliability=ReliabilityPolicy.RELIABLE,
+                        history=HistoryPolicy.KEEP_LAST)
 
 NODE_KINDS: dict[str, dict[str, Any]] = {
     # stages, input: raw = image_raw + camera_info (synced); rect = image_rect (+ camera_info_rect)
@@ -247,8 +251,8 @@ class PerceptionNode(LifecycleNode):
             pub = lambda t, rel, q: cam.pubs.__setitem__(  # noqa: E731
                 rel, self.create_publisher(t, cam.topic(rel), q))
             if "rectify" in names:
-                pub(Image, "image_rect", qos_profile_sensor_data)
-                pub(CameraInfo, "camera_info_rect", qos_profile_sensor_data)
+                pub(Image, "image_rect", IMAGES_OUT)
+                pub(CameraInfo, "camera_info_rect", IMAGES_OUT)
             if "detect" in names:
                 from vision_msgs.msg import Detection2DArray, LabelInfo
                 from perception2d_interfaces.msg import GroundPositionArray
@@ -275,7 +279,7 @@ class PerceptionNode(LifecycleNode):
                 pub(Image, "labels", RESULTS)
                 pub(LabelInfo, "labels/label_info", LATCHED)
             if debug:
-                pub(Image, "debug_image", qos_profile_sensor_data)
+                pub(Image, "debug_image", IMAGES_OUT)
         self._diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
         self.runner = FrameRunner(self.pipeline, self.cfg,
                                   debug_image=debug)
