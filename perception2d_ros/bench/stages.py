@@ -69,9 +69,9 @@ class _TimedRunner:
         self.t_start = self.t_end = 0.0
         self.timings: dict[str, float] = {}
 
-    def run(self, image_msg: Any, info_msg: Any) -> Any:
+    def run(self, image_msg: Any, info_msg: Any, detections_msg: Any = None) -> Any:
         self.t_start = time.perf_counter()
-        frame, msgs = self._runner.run(image_msg, info_msg)
+        frame, msgs = self._runner.run(image_msg, info_msg, detections_msg)
         self.t_end = time.perf_counter()
         # keep only the timings: holding the frame would keep its buffers alive (and
         # defeat the rectify stage's output reuse)
