@@ -44,6 +44,7 @@ test: setup
 	bash scripts/run_tests.sh $(PYTEST_ARGS)
 
 demo: setup
+	bash scripts/shm_clean.sh
 	bash scripts/run_with_ros_env.sh $(PY) -m perception2d_ros.demo $(if $(BAG),--bag $(BAG),)
 
 bench: setup

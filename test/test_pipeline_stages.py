@@ -158,6 +158,7 @@ def test_lseg_stage_publishes_label_maps(harness, b32, lseg_small, data_dir):
     seg.close()
 
 
+@pytest.mark.slow
 def test_sam_stage_masks_every_detection(harness, sam_random_export, data_dir):
     """detect → SAM in one pipeline_node: one encoder run per frame, a mono16 instance-id
     image aligned to the input, masks/detections with mask ids and scores, identical to the
