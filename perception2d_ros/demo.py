@@ -83,7 +83,7 @@ def run(bag: Path | None, out_dir: Path, params_file: Path, frames: int, timeout
         pipeline: bool = True, rate: float = 1.0) -> int:
     from tqdm import tqdm
 
-    from perception2d_ros.core.bagio import BagReader, bag_info, find_interface_dirs
+    from perception2d_ros.core.bagio import bag_info, find_interface_dirs
     from perception2d_ros.ros.bag_play import play
     from perception2d_ros.ros.bag_record import record
 

@@ -81,7 +81,7 @@ def combine(results: list[Any], hw: tuple[int, int], n_det: int, min_score: floa
     keep = scores >= min_score
     masks = masks & keep[:, None, None]
 
-    from perception2d_ros.core.sam import SamResult, instance_id_image, mask_bboxes
+    from perception2d_ros.core.sam import SamResult, instance_id_image
 
     n = len(masks)
     merged = SamResult(masks, scores, stability, np.zeros(n, np.int64),

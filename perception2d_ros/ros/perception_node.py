@@ -24,15 +24,14 @@ import rclpy
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rcl_interfaces.msg import ParameterDescriptor, SetParametersResult
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
-from rclpy.qos import (DurabilityPolicy, QoSProfile, ReliabilityPolicy, HistoryPolicy,
-                       qos_profile_sensor_data)
+from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
 from rclpy.event_handler import SubscriptionEventCallbacks
 from rclpy.qos_overriding_options import QoSOverridingOptions
 from sensor_msgs.msg import CameraInfo, Image
 
 from perception2d_ros.core.flow import ApproximateSync, ErrorReporter, LatestSlot, error_key
-from perception2d_ros.core.pipeline import (INTERPOLATIONS, STAGE_GROUPS, STAGE_ORDER, Frame,
-                                             Pipeline, build_pipeline, merge_config)
+from perception2d_ros.core.pipeline import (INTERPOLATIONS, STAGE_GROUPS, STAGE_ORDER, Pipeline,
+                                             build_pipeline, merge_config)
 from perception2d_ros.ros import conversions as conv
 from perception2d_ros.ros.publishing import FrameRunner
 
