@@ -7,7 +7,7 @@
 Sections (each in its own try/except: a failure is recorded in the JSON, never fatal):
 
 a) ``yolox_nano``: the real ``models/yolox_nano.onnx`` (its weights and graph) run by torch
-   through ``perception2d_ros.bench.onnx_torch`` (a small ONNX→torch interpreter; onnx2torch
+   through ``perception2d_ros.core.onnx_torch`` (a small ONNX→torch interpreter; onnx2torch
    and the YOLOX sources are not needed) inside our ``engines.TorchEngine``: fp32 eager,
    fp16 eager, fp16 + CUDA graph, batch 1, 416×416. ``engine.infer`` = numpy in → numpy out
    (H2D + model + D2H); ``device_forward`` = the model on a device tensor only. Parity
@@ -200,7 +200,7 @@ class Bench:
     # ------------------------------------------------------------------ (a) models
     def models_yolox(self) -> None:
         torch = self.need_torch()
-        from perception2d_ros.bench.onnx_torch import load_onnx_module
+        from perception2d_ros.core.onnx_torch import load_onnx_module
         from perception2d_ros.core.engines import TensorSpec, TorchEngine
 
         det = self.ort_detector()

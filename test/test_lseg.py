@@ -803,3 +803,19 @@ def test_cli_refuses_a_clip_of_the_wrong_architecture(small_export, tmp_path, mo
                 "clip_vit_b16", "--vocab", "floor", str(img), "-o", str(tmp_path / "o")])
     err = capsys.readouterr().err
     assert rc != 0 and "ViT-B-16" in err and "ViT-B-32" in err
+
+
+def test_torch_backend_matches_onnxruntime_on_real_images(small_export, small_segmenter):
+    """The LSeg image graph run by torch (``backend: torch``, the GPU backend where only
+    torch + CUDA exist; here on the CPU) gives ORT's pixel embeddings on real images."""
+    from perception2d_ros.core.engines import EngineConfig, TorchEngine
+
+    seg = L.LSegSegmenter.from_onnx(small_export["image"],
+                                    EngineConfig(backend="torch", device="cpu", fallback=False))
+    assert isinstance(seg.engine, TorchEngine)
+    for name in ("ADE_train_00016869.jpg", "23_image.png"):
+        ours, _ = seg.embed(_image(name))
+        ref, _ = small_segmenter.embed(_image(name))
+        assert ours.shape == ref.shape
+        np.testing.assert_allclose(ours, ref, atol=1e-5)
+    seg.close()

@@ -5,7 +5,9 @@ Backends
 ``tensorrt``  native TensorRT 10/11 (named-tensor API), engines built from ONNX and cached
               under a key of ONNX sha256 + precision + input shapes + TensorRT version + GPU.
 ``onnxruntime`` ONNX Runtime with providers [TensorRT EP, CUDA EP, CPU] as available.
-``torch``     a ``torch.nn.Module`` (CUDA or CPU), CUDA graphs for fixed shapes on GPU.
+``torch``     a ``torch.nn.Module`` (CUDA or CPU), CUDA graphs for fixed shapes on GPU; for an
+              ONNX file the graph is run by :mod:`onnx_torch` (torch + CUDA is the GPU
+              backend where neither TensorRT nor ONNX Runtime's CUDA build is installed).
 
 ``create_engine(..., backend="auto")`` picks the best available and logs why; an explicit
 backend that is not available raises :class:`BackendUnavailable` at configure time.
@@ -424,9 +426,13 @@ class TorchEngine(Engine):
 
     ``input_specs`` / ``output_names`` declare the signature (torch modules have none).
     On CUDA, ``precision='fp16'`` casts the module to half and ``cuda_graph=True`` captures
-    one CUDA graph per input shape (fixed-shape inputs, the real-time case)."""
+    one CUDA graph per input shape (fixed-shape inputs, the real-time case; the newest
+    ``MAX_GRAPHS`` shapes are kept). A module whose capture fails runs eagerly from then on
+    (logged once). :meth:`infer_tensors` takes and returns device tensors, for stages that keep
+    the frame on the GPU."""
 
     backend = "torch"
+    MAX_GRAPHS = 8
 
     def __init__(self, module: Any, input_specs: Sequence[TensorSpec],
                  output_names: Sequence[str], *, device: str = "auto",
@@ -449,10 +455,15 @@ class TorchEngine(Engine):
         self.outputs = [TensorSpec(n, (), np.dtype(np.float32)) for n in output_names]
         self._output_names = list(output_names)
         self.cuda_graph = cuda_graph and device.startswith("cuda")
-        self._graphs: dict[tuple, tuple[Any, list[Any], list[Any]]] = {}
+        from collections import OrderedDict
 
-    def _to_device(self, arr: np.ndarray) -> Any:
-        t = self._torch.from_numpy(np.ascontiguousarray(arr)).to(self.device, non_blocking=True)
+        self._graphs: OrderedDict[tuple, tuple[Any, list[Any], list[Any]]] = OrderedDict()
+
+    def _to_device(self, arr: Any) -> Any:
+        torch = self._torch
+        t = arr if isinstance(arr, torch.Tensor) else \
+            torch.from_numpy(np.ascontiguousarray(arr))
+        t = t.to(self.device, non_blocking=True)
         if self.half and t.is_floating_point():
             t = t.half()
         return t
@@ -465,32 +476,57 @@ class TorchEngine(Engine):
             out = [out]
         return list(out)
 
-    def _run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def _capture(self, tensors: list[Any]) -> tuple[Any, list[Any], list[Any]]:
+        torch = self._torch
+        static_in = [t.clone() for t in tensors]
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):  # warm up before capture
+                self._forward(static_in)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_out = self._forward(static_in)
+        return graph, static_in, static_out
+
+    def infer_tensors(self, feeds: Mapping[str, Any]) -> dict[str, Any]:
+        """Device tensors (or arrays) in, device tensors out: no host copy of the outputs.
+        With CUDA graphs the outputs are the graph's static buffers, valid until the next
+        call: copy what must outlive it."""
         torch = self._torch
         with torch.inference_mode():
             tensors = [self._to_device(feeds[s.name]) for s in self.inputs]
             if not self.cuda_graph:
                 outs = self._forward(tensors)
             else:
-                key = tuple(tuple(t.shape) for t in tensors)
-                if key not in self._graphs:
-                    static_in = [t.clone() for t in tensors]
-                    side = torch.cuda.Stream()
-                    side.wait_stream(torch.cuda.current_stream())
-                    with torch.cuda.stream(side):
-                        for _ in range(3):  # warm up before capture
-                            self._forward(static_in)
-                    torch.cuda.current_stream().wait_stream(side)
-                    graph = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(graph):
-                        static_out = self._forward(static_in)
-                    self._graphs[key] = (graph, static_in, static_out)
-                graph, static_in, static_out = self._graphs[key]
+                key = tuple((tuple(t.shape), t.dtype) for t in tensors)
+                entry = self._graphs.get(key)
+                if entry is None:
+                    try:
+                        entry = self._capture(tensors)
+                    except Exception as exc:  # e.g. an op that syncs with the host
+                        LOG.warning("torch engine: CUDA graph capture failed (%s); running "
+                                    "eagerly", str(exc).splitlines()[0] if str(exc) else exc)
+                        self.cuda_graph = False
+                        self._graphs.clear()
+                        torch.cuda.synchronize()
+                        return dict(zip(self._output_names, self._forward(tensors)))
+                    self._graphs[key] = entry
+                    while len(self._graphs) > self.MAX_GRAPHS:
+                        self._graphs.popitem(last=False)
+                else:
+                    self._graphs.move_to_end(key)
+                graph, static_in, static_out = entry
                 for dst, src in zip(static_in, tensors):
                     dst.copy_(src)
                 graph.replay()
                 outs = static_out
-            return {n: o.float().cpu().numpy() for n, o in zip(self._output_names, outs)}
+            return dict(zip(self._output_names, outs))
+
+    def _run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        outs = self.infer_tensors(feeds)
+        return {n: o.float().cpu().numpy() for n, o in outs.items()}
 
     def close(self) -> None:
         self._graphs.clear()
@@ -499,7 +535,43 @@ class TorchEngine(Engine):
             self._torch.cuda.empty_cache()
 
 
+def torch_engine_from_onnx(onnx_path: str | Path, *, device: str = "auto",
+                           precision: str = "fp32", cuda_graph: bool = True) -> TorchEngine:
+    """The ONNX graph run by torch (:mod:`onnx_torch`): the GPU backend on machines with
+    torch + CUDA but neither TensorRT nor ONNX Runtime's CUDA build."""
+    try:
+        from . import onnx_torch
+    except ImportError as exc:  # pragma: no cover - onnx is a runtime dependency
+        raise BackendUnavailable(f"torch backend unavailable: {exc}") from exc
+    try:
+        module = onnx_torch.load_onnx_module(onnx_path)
+        ins, outs = onnx_torch.graph_signature(onnx_path)
+    except NotImplementedError as exc:
+        raise EngineError(str(exc)) from exc
+    except ImportError as exc:
+        raise BackendUnavailable(f"torch backend unavailable: {exc}") from exc
+    specs = [TensorSpec(n, tuple(d if d is not None else -1 for d in shape), dt)
+             for n, shape, dt in ins]
+    return TorchEngine(module, specs, outs, device=device, precision=precision,
+                       cuda_graph=cuda_graph)
+
+
 # --------------------------------------------------------------------------- selection
+def _nvidia_device_present() -> bool:
+    """A cheap look for an NVIDIA GPU (device nodes) before importing torch to ask."""
+    return any(os.path.exists(p) for p in ("/dev/nvidiactl", "/dev/nvidia0",
+                                           "/proc/driver/nvidia", "/dev/nvhost-ctrl-gpu"))
+
+
+def _ort_has_gpu() -> bool:
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return False
+    provs = set(ort.get_available_providers())
+    return bool(provs & {"CUDAExecutionProvider", "TensorrtExecutionProvider"})
+
+
 def available_backends() -> dict[str, tuple[bool, str]]:
     """backend → (available, reason), in preference order."""
     result: dict[str, tuple[bool, str]] = {"tensorrt": tensorrt_available()}
@@ -529,6 +601,7 @@ class EngineConfig:
     cache_dir: str | None = None
     fallback: bool = True         # on build/load failure fall back to the next backend
     profiles: dict[str, list[list[int]]] = field(default_factory=dict)
+    cuda_graph: bool = True       # torch backend on CUDA: one graph per input shape
 
     def __post_init__(self) -> None:
         if self.backend not in ("auto",) + BACKENDS:
@@ -544,8 +617,11 @@ def create_engine(onnx_path: str | Path, config: EngineConfig | None = None, *,
                   torch_factory: Callable[[], Engine] | None = None) -> Engine:
     """Create the engine for ``onnx_path`` according to ``config``.
 
-    ``auto`` tries TensorRT (GPU), then ONNX Runtime (its best provider), then torch (if a
-    ``torch_factory`` is given), logging why each was chosen or skipped. An explicit backend
+    ``auto`` tries TensorRT (GPU), then ONNX Runtime (its best provider), then torch,
+    logging why each was chosen or skipped — except where ONNX Runtime can only use the CPU
+    and torch sees a CUDA GPU: then torch (the ONNX graph on the GPU) comes before it.
+    ``torch_factory`` builds the torch engine; without one the ONNX graph itself is run by
+    :func:`torch_engine_from_onnx`. An explicit backend
     that is unavailable raises :class:`BackendUnavailable`. With ``fallback`` a failure of a
     chosen GPU backend (build error, out of memory) falls back to the next one with a warning.
     """
@@ -553,20 +629,26 @@ def create_engine(onnx_path: str | Path, config: EngineConfig | None = None, *,
     avail = available_backends()
     if cfg.device == "cpu":
         avail["tensorrt"] = (False, "device=cpu requested")
+    if torch_factory is None:
+        def torch_factory() -> Engine:
+            return torch_engine_from_onnx(onnx_path, device=cfg.device,
+                                          precision=cfg.precision, cuda_graph=cfg.cuda_graph)
     if cfg.backend != "auto":
         ok, why = avail[cfg.backend]
-        if cfg.backend == "torch" and torch_factory is None:
-            ok, why = False, "this model has no torch module (ONNX only)"
         if not ok:
             raise BackendUnavailable(f"backend '{cfg.backend}' is not available: {why}")
         order = [cfg.backend] + ([b for b in BACKENDS if b != cfg.backend] if cfg.fallback else [])
     else:
         order = list(BACKENDS)
+        if cfg.device != "cpu" and avail["torch"][0] and _nvidia_device_present() \
+                and not _ort_has_gpu():
+            cuda_ok, cuda_why = cuda_available()
+            if cuda_ok:
+                order = ["tensorrt", "torch", "onnxruntime"]
+                avail["torch"] = (True, f"ONNX Runtime has no GPU provider; {cuda_why}")
     errors = []
     for name in order:
         ok, why = avail[name]
-        if name == "torch" and torch_factory is None:
-            ok, why = False, "no torch module for this model"
         if not ok:
             LOG.debug("backend %s skipped: %s", name, why)
             errors.append(f"{name}: {why}")
