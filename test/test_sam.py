@@ -229,11 +229,17 @@ def test_weights_only_loader_rejects_pickles_and_infers_arch(tmp_path: Path) -> 
         sam_export.infer_arch({"encoder.weight": torch.zeros(2)})
     with pytest.raises(FileNotFoundError):
         sam_export.load_state_dict(tmp_path / "missing.pth")
-    # MobileSAM (TinyViT) is refused with the reason, by arch name and by checkpoint layout
-    with pytest.raises(ValueError, match="MobileSAM"):
-        sam_export.export_onnx("vit_t", None, tmp_path, seed=0)
-    with pytest.raises(ValueError, match="MobileSAM"):
-        sam_export.infer_arch({"image_encoder.layers.0.blocks.0.conv1.c.weight": torch.zeros(1)})
+    # MobileSAM's TinyViT layout is vit_t (alias mobile_sam); other TinyViT widths and
+    # unknown arch names are refused
+    tiny = {"image_encoder.patch_embed.seq.0.c.weight": torch.zeros(32, 3, 3, 3),
+            "image_encoder.layers.0.blocks.0.conv1.c.weight": torch.zeros(256, 64, 1, 1)}
+    assert sam_export.infer_arch(tiny) == "vit_t"
+    assert sam_export.canonical_arch("mobile_sam") == "vit_t"
+    with pytest.raises(ValueError, match="width 48"):
+        sam_export.infer_arch({"image_encoder.patch_embed.seq.0.c.weight":
+                               torch.zeros(48, 3, 3, 3)})
+    with pytest.raises(ValueError, match="unknown SAM arch 'vit_x'.*vit_t.*mobile_sam"):
+        sam_export.export_onnx("vit_x", None, tmp_path, seed=0)
 
 
 def test_cli_without_weights_says_how_to_get_them(tmp_path: Path, capsys) -> None:

@@ -144,6 +144,13 @@ def test_parity_with_sam_predictor_on_coco(exported, segmenter, coco, file_name)
     modes = (True, False) if file_name == PARITY_IMAGES[0] else (True,)
     rep = sam_export.parity_check("vit_b", model, segmenter, image, boxes, points=pts,
                                   point_labels=labs, multimask_modes=modes)
+    assert rep["arch"] == "vit_b" and rep["reference"]["package"] == "segment-anything"
+    check_parity_report(rep, boxes, pts, modes)
+
+
+def check_parity_report(rep: dict, boxes: np.ndarray, pts: np.ndarray,
+                        modes: tuple[bool, ...]) -> None:
+    """The issue's acceptance numbers on a ``parity_check`` report (ViT-B and MobileSAM)."""
     print(json.dumps({k: {kk: vv for kk, vv in v.items() if kk not in ("mask_iou",
                                                                       "mask_fraction")}
                       if isinstance(v, dict) else v for k, v in rep.items()}, default=str))

@@ -47,9 +47,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model", default="sam_vit_b",
                    help="manifest name of a SAM model (default sam_vit_b), or an export "
                         "directory / sam.json")
-    g.add_argument("--checkpoint", help="official segment-anything .pth (weights-only load); "
-                   "exported to ONNX on first use, cached by sha256")
-    g.add_argument("--arch", choices=("vit_b", "vit_l", "vit_h"),
+    g.add_argument("--checkpoint", help="official segment-anything or MobileSAM .pth "
+                   "(weights-only load); exported to ONNX on first use, cached by sha256")
+    g.add_argument("--arch", choices=("vit_b", "vit_l", "vit_h", "vit_t", "mobile_sam"),
                    help="SAM architecture (default: inferred from the checkpoint)")
     g.add_argument("--models-dir", help="models directory (default: $PERCEPTION2D_MODELS_DIR "
                    "or the package's)")

@@ -2,8 +2,9 @@
 
 ROS-free and torch-free: the image encoder and the prompt decoder run as ONNX models through
 :mod:`perception2d_ros.core.engines` (ONNX Runtime or TensorRT). The ONNX files come from
-:func:`perception2d_ros.core.sam_export.export_onnx` (official segment-anything checkpoints,
-loaded weights-only).
+:func:`perception2d_ros.core.sam_export.export_onnx` (official segment-anything ViT-B/L/H or
+MobileSAM ``vit_t`` checkpoints, loaded weights-only). MobileSAM only swaps the image encoder
+(TinyViT, same [1,256,64,64] embedding): prompts, decoder and postprocessing are SAM's.
 
 Usage follows ``segment_anything.SamPredictor``: encode once, prompt many times::
 
@@ -44,7 +45,8 @@ PIXEL_MEAN = (123.675, 116.28, 103.53)   # RGB, segment_anything.modeling.Sam de
 PIXEL_STD = (58.395, 57.12, 57.375)
 MASK_THRESHOLD = 0.0
 STABILITY_OFFSET = 1.0
-ARCHS = ("vit_b", "vit_l", "vit_h")
+ARCHS = ("vit_b", "vit_l", "vit_h", "vit_t")     # vit_t: MobileSAM (TinyViT encoder)
+ARCH_ALIASES = {"mobile_sam": "vit_t"}
 
 # point labels (segment-anything convention)
 LABEL_PAD, LABEL_NEG, LABEL_POS, LABEL_BOX_TL, LABEL_BOX_BR = -1, 0, 1, 2, 3
@@ -443,7 +445,8 @@ def weights_help(name: str = "sam_vit_b") -> str:
     return (f"get the official weights with `perception2d models fetch {name}`, or pass "
             "--checkpoint PATH to an official segment-anything checkpoint (sam_vit_b_01ec64.pth, "
             "sam_vit_l_0b3195.pth, sam_vit_h_4b8939.pth from "
-            "https://github.com/facebookresearch/segment-anything#model-checkpoints); it is "
+            "https://github.com/facebookresearch/segment-anything#model-checkpoints) or "
+            "MobileSAM's mobile_sam.pt (https://github.com/ChaoningZhang/MobileSAM); it is "
             "exported to ONNX on first use and cached")
 
 
@@ -460,9 +463,10 @@ def _export_checkpoint(checkpoint: Path, arch: str | None, out_dir: Path) -> Sam
         result = sam_export.export_onnx(arch, checkpoint, out_dir)
     except ImportError as exc:
         raise SamError(
-            f"exporting {checkpoint} to ONNX needs torch and segment-anything "
-            f"({exc}); install requirements/test.txt, or export on another machine with "
-            "`perception2d models export` and copy the export directory") from exc
+            f"exporting {checkpoint} to ONNX needs torch and segment-anything (MobileSAM: "
+            f"mobilesam-mirror and timm) ({exc}); install requirements/test.txt, or export on "
+            "another machine with `perception2d models export` and copy the export directory"
+        ) from exc
     except (ValueError, OSError, RuntimeError) as exc:
         raise SamError(f"cannot export {checkpoint}: {exc}") from exc
     return SamModelFiles.load(result)
@@ -503,9 +507,9 @@ def resolve_model_files(model: str | Path | None = "sam_vit_b", *,
                  if e.kind == "sam"]
         hint = f" (known SAM models: {', '.join(sorted(known))})" if known else ""
         msg = str(exc).rstrip(".")
-        how = (f"or pass --checkpoint PATH to an official segment-anything .pth; it is "
-               "exported to ONNX on first use and cached" if "models fetch" in msg
-               else weights_help(name if name.startswith("sam") else "sam_vit_b"))
+        how = ("or pass --checkpoint PATH to an official segment-anything or MobileSAM .pth; "
+               "it is exported to ONNX on first use and cached" if "models fetch" in msg
+               else weights_help(name if name in known else "sam_vit_b"))
         raise SamWeightsMissing(f"SAM model '{name}' is not available{hint}: {msg}; {how}"
                                 ) from exc
     if path.suffix == ".json" or path.is_dir():

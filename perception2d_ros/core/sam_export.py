@@ -1,7 +1,10 @@
 """SAM torch side: build / load official checkpoints, export ONNX, check parity.
 
-Only export and parity tests use torch and ``segment_anything``; the runtime
-(:mod:`perception2d_ros.core.sam`) runs the ONNX files. Public API:
+Architectures: ``vit_b`` / ``vit_l`` / ``vit_h`` (``segment_anything``) and ``vit_t`` (alias
+``mobile_sam``: MobileSAM's TinyViT encoder + the SAM prompt encoder / mask decoder, from the
+official ``mobile_sam`` package, PyPI ``mobilesam-mirror``). Each arch is built, exported and
+checked against its own reference package. Only export and parity tests use torch and those
+packages; the runtime (:mod:`perception2d_ros.core.sam`) runs the ONNX files. Public API:
 
 ``export_onnx(arch, checkpoint, out_dir, *, seed=None) -> dict[str, Path]``
     Export ``encoder.onnx`` (``image`` [1,3,1024,1024] normalised → ``image_embeddings``
@@ -9,7 +12,8 @@ Only export and parity tests use torch and ``segment_anything``; the runtime
     plus the ``sam.json`` sidecar into ``out_dir/sam_<arch>_<sha256[:12]>/``. A second call
     for a checkpoint with the same sha256 returns the cached files.
 ``parity_check(arch, checkpoint, exported, image_bgr, boxes, ...) -> dict``
-    The ONNX path vs ``segment_anything.SamPredictor`` with the same weights.
+    The ONNX path vs the reference ``SamPredictor`` (``segment_anything``'s, or
+    ``mobile_sam``'s for vit_t) with the same weights.
 
 Decoder signature (batched prompts; ``N`` prompts of ``P`` points, both dynamic)::
 
@@ -23,12 +27,14 @@ Decoder signature (batched prompts; ``N`` prompts of ``P`` points, both dynamic)
 from __future__ import annotations
 
 import datetime as _dt
+import importlib
 import json
 import logging
 import os
 import shutil
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -40,6 +46,11 @@ from .model_store import sha256_file
 LOG = logging.getLogger("perception2d.sam_export")
 
 ARCHS = samrt.ARCHS
+# the package that defines each arch (import name, distribution name for the sidecar)
+_REFERENCE = {"vit_b": ("segment_anything", "segment-anything"),
+              "vit_l": ("segment_anything", "segment-anything"),
+              "vit_h": ("segment_anything", "segment-anything"),
+              "vit_t": ("mobile_sam", "mobilesam-mirror")}
 OPSET = 17
 # ONNX files are protobufs (2 GB limit): bigger models (the ViT-H encoder, ~2.5 GB) keep their
 # weights in one external-data file next to the .onnx
@@ -49,6 +60,9 @@ EXPORT_VERSION = 1
 
 # ImageEncoderViT embed dim → arch (official checkpoints are plain state dicts)
 _EMBED_DIM_TO_ARCH = {768: "vit_b", 1024: "vit_l", 1280: "vit_h"}
+# MobileSAM's TinyViT: first conv of the patch embedding (embed_dims[0] // 2 = 32 channels)
+_TINYVIT_STEM = "image_encoder.patch_embed.seq.0.c.weight"
+_TINYVIT_STEM_CHANNELS = 32
 
 # Tolerances of the parity check (the issue's acceptance numbers).
 TOLERANCES = {
@@ -60,23 +74,53 @@ TOLERANCES = {
 
 
 # --------------------------------------------------------------------------- build / load
+def canonical_arch(arch: str) -> str:
+    """``arch`` by its canonical name (``mobile_sam`` → ``vit_t``); unknown ones raise."""
+    name = samrt.ARCH_ALIASES.get(arch, arch)
+    if name not in ARCHS:
+        known = ", ".join([*ARCHS, *samrt.ARCH_ALIASES])
+        raise ValueError(f"unknown SAM arch '{arch}'; known: {known}")
+    return name
+
+
+def reference_package(arch: str) -> Any:
+    """The official package that defines ``arch``: ``segment_anything``, or ``mobile_sam``
+    for vit_t (its ``sam_model_registry``, ``SamPredictor`` and ``utils.onnx``)."""
+    name = _REFERENCE[canonical_arch(arch)][0]
+    with warnings.catch_warnings():
+        # mobile_sam imports timm's deprecated module paths and re-registers timm's tiny_vit
+        # models under the same names: import-time notices about its own code, not ours
+        warnings.filterwarnings("ignore", message="Importing from timm", category=FutureWarning)
+        warnings.filterwarnings("ignore", message="Overwriting tiny_vit_", category=UserWarning)
+        module = importlib.import_module(name)
+        importlib.import_module(f"{name}.utils.onnx")
+    return module
+
+
+def reference_version(arch: str) -> dict[str, str]:
+    """Distribution name and version of the reference package (for the sidecar)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    dist = _REFERENCE[canonical_arch(arch)][1]
+    try:
+        return {"package": dist, "version": version(dist)}
+    except PackageNotFoundError:  # imported from a source tree
+        return {"package": dist, "version": "unknown"}
+
+
 def build_sam(arch: str) -> Any:
-    """The official architecture (``segment_anything.sam_model_registry[arch]``), no weights,
-    eval mode."""
-    from segment_anything import sam_model_registry
-
-    _check_arch(arch)
-    return sam_model_registry[arch](checkpoint=None).eval()
+    """The official architecture (``sam_model_registry[arch]`` of its reference package),
+    no weights, eval mode."""
+    arch = canonical_arch(arch)
+    return reference_package(arch).sam_model_registry[arch](checkpoint=None).eval()
 
 
-def _check_arch(arch: str) -> None:
-    if arch in ("vit_t", "mobile_sam"):
-        raise ValueError(
-            "MobileSAM (vit_t: TinyViT encoder + SAM decoder) is not supported: its TinyViT "
-            "variant is not in segment_anything or on PyPI, so no reference implementation "
-            f"exists to prove an export against; supported: {', '.join(ARCHS)}")
-    if arch not in ARCHS:
-        raise ValueError(f"unknown SAM arch '{arch}'; known: {', '.join(ARCHS)}")
+def _with_weights(model: Any, state_dict: Mapping[str, Any]) -> Any:
+    """Strict load, then eval mode. The order matters for TinyViT: its attention caches the
+    bias table (``ab``) when switched to eval, so weights loaded after ``eval()`` need another
+    ``eval()`` to reach the forward pass."""
+    model.load_state_dict(state_dict, strict=True)
+    return model.eval()
 
 
 def load_state_dict(checkpoint: str | Path) -> dict[str, Any]:
@@ -100,13 +144,18 @@ def load_state_dict(checkpoint: str | Path) -> dict[str, Any]:
 
 
 def infer_arch(state_dict: Mapping[str, Any]) -> str:
-    """vit_b / vit_l / vit_h from the image encoder's embedding width."""
+    """vit_b / vit_l / vit_h from the ViT encoder's embedding width; vit_t from MobileSAM's
+    TinyViT layout (``image_encoder.patch_embed.seq.*``, ``image_encoder.layers.*``)."""
     w = state_dict.get("image_encoder.patch_embed.proj.weight")
     if w is None:
-        if any(k.startswith("image_encoder.layers.") for k in state_dict):
-            _check_arch("vit_t")   # MobileSAM's TinyViT layout: explain why not
-        raise ValueError("not a SAM (ViT) checkpoint: image_encoder.patch_embed.proj.weight "
-                         "missing")
+        stem = state_dict.get(_TINYVIT_STEM)
+        if stem is not None:
+            if int(stem.shape[0]) != _TINYVIT_STEM_CHANNELS:
+                raise ValueError(f"TinyViT encoder of width {int(stem.shape[0])} is not "
+                                 f"MobileSAM's vit_t ({_TINYVIT_STEM_CHANNELS})")
+            return "vit_t"
+        raise ValueError("not a SAM checkpoint: neither image_encoder.patch_embed.proj.weight "
+                         f"(ViT) nor {_TINYVIT_STEM} (MobileSAM TinyViT)")
     arch = _EMBED_DIM_TO_ARCH.get(int(w.shape[0]))
     if arch is None:
         raise ValueError(f"unknown SAM encoder width {int(w.shape[0])}")
@@ -118,11 +167,9 @@ def load_sam(checkpoint: str | Path, arch: str | None = None) -> Any:
     ``arch`` defaults to the one the checkpoint implies; a mismatch raises."""
     sd = load_state_dict(checkpoint)
     found = infer_arch(sd)
-    if arch is not None and arch != found:
+    if arch is not None and canonical_arch(arch) != found:
         raise ValueError(f"checkpoint {checkpoint} is {found}, not {arch}")
-    model = build_sam(found)
-    model.load_state_dict(sd, strict=True)
-    return model.eval()
+    return _with_weights(build_sam(found), sd)
 
 
 def random_state_dict(arch: str, seed: int, scale: float = 0.5,
@@ -132,7 +179,9 @@ def random_state_dict(arch: str, seed: int, scale: float = 0.5,
     embeddings and relative positions, LayerNorms at 1/0, ...); every floating tensor gets
     seeded normal noise of ``scale`` x its own std (at least 0.02) so masks are non-trivial,
     and the hypernetwork output layers are scaled by ``logit_gain`` so mask logits reach the
-    magnitude of trained SAM (|logit| ~ 10; stability scores are then informative)."""
+    magnitude of trained SAM (|logit| ~ 10; stability scores are then informative).
+    MobileSAM's BatchNorm statistics stay valid: ``running_var`` gets log-normal noise
+    (positive), ``num_batches_tracked`` (integer) is kept."""
     import torch
 
     torch.manual_seed(seed)
@@ -144,12 +193,18 @@ def random_state_dict(arch: str, seed: int, scale: float = 0.5,
         if t.is_floating_point():
             std = float(t.float().std()) if t.numel() > 1 else 0.0
             sigma = max(scale * std, 0.02)
-            t = t + sigma * torch.randn(t.shape, generator=gen, dtype=t.dtype)
+            noise = sigma * torch.randn(t.shape, generator=gen, dtype=t.dtype)
+            t = t * torch.exp(noise) if name.endswith(".running_var") else t + noise
             if name.startswith("mask_decoder.output_hypernetworks_mlps.") and \
                     ".layers.2." in name:
                 t = t * logit_gain
         out[name] = t.clone()
     return out
+
+
+def random_sam(arch: str, seed: int) -> Any:
+    """The official architecture with :func:`random_state_dict` weights, eval mode."""
+    return _with_weights(build_sam(arch), random_state_dict(arch, seed))
 
 
 def save_checkpoint(state_dict: Mapping[str, Any], path: str | Path) -> Path:
@@ -163,9 +218,10 @@ def save_checkpoint(state_dict: Mapping[str, Any], path: str | Path) -> Path:
 
 
 # --------------------------------------------------------------------------- ONNX modules
-def _onnx_modules() -> tuple[type, type]:
+def _onnx_modules(arch: str) -> tuple[type, type]:
     import torch
-    from segment_anything.utils.onnx import SamOnnxModel
+
+    SamOnnxModel = reference_package(arch).utils.onnx.SamOnnxModel  # noqa: N806
 
     class SamEncoderOnnx(torch.nn.Module):
         """``image`` [1,3,S,S] (normalised, padded) → ``image_embeddings`` [1,256,64,64]."""
@@ -178,7 +234,7 @@ def _onnx_modules() -> tuple[type, type]:
             return self.image_encoder(image)
 
     class SamDecoderOnnx(SamOnnxModel):
-        """segment-anything's ``SamOnnxModel`` prompt embedding, batched over N prompts,
+        """The reference package's ``SamOnnxModel`` prompt embedding, batched over N prompts,
         returning the raw low-res logits and IoU predictions (no upscaling, no selection).
         ``MaskDecoder.predict_masks`` is reproduced with ``expand`` in place of
         ``repeat_interleave`` (same values; keeps N dynamic in the traced graph)."""
@@ -237,14 +293,15 @@ def _export_one(module: Any, args: tuple, path: Path, input_names: Sequence[str]
     scratch = path.parent / f".{path.stem}.scratch"
     scratch.mkdir(parents=True, exist_ok=True)
     raw = scratch / path.name
-    import warnings
-
     with torch.no_grad(), warnings.catch_warnings():
         # SAM's shape arithmetic is constant for the fixed 1024 input: tracer warnings are moot
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         # the TorchScript exporter is chosen on purpose (dynamo=False): the torch.export-based
         # one fails on SAM's 4-D windowed attention; its deprecation notice is expected
         warnings.simplefilter("ignore", DeprecationWarning)
+        # strided slices (TinyViT) are left to the runtime instead of folded: nothing to act on
+        warnings.filterwarnings("ignore", message="Constant folding - Only steps=1",
+                                category=UserWarning)
         torch.onnx.export(module, args, str(raw), input_names=list(input_names),
                           output_names=list(output_names), dynamic_axes=dynamic_axes,
                           opset_version=OPSET, do_constant_folding=True, dynamo=False)
@@ -322,17 +379,21 @@ def export_onnx(arch: str | None, checkpoint: str | Path | None, out_dir: str | 
                 seed: int | None = None, force: bool = False) -> dict[str, Path]:
     """Export a SAM checkpoint to ONNX (cached per checkpoint sha256).
 
-    arch        vit_b | vit_l | vit_h, or None to infer it from the checkpoint.
-    checkpoint  an official segment-anything ``.pth`` (loaded weights-only); None builds
-                a seeded random model (``seed`` required; tests / benchmarks only).
+    arch        vit_b | vit_l | vit_h | vit_t (alias mobile_sam), or None to infer it from
+                the checkpoint.
+    checkpoint  an official segment-anything or MobileSAM ``.pth`` (loaded weights-only);
+                None builds a seeded random model (``seed`` required; tests / benchmarks
+                only).
     out_dir     files go to ``out_dir/sam_<arch>_<sha256[:12]>/`` (``..._random-seed<N>``).
     Returns ``{"encoder", "decoder", "decoder_single", "meta"}`` file paths. The
-    ``sam.json`` sidecar records arch, image size, pixel mean/std, the checkpoint sha256,
-    opset and every file's sha256 and size.
+    ``sam.json`` sidecar records arch, the reference package and its version, image size,
+    pixel mean/std, the checkpoint sha256, opset and every file's sha256 and size.
     """
     if checkpoint is None and (seed is None or arch is None):
         raise ValueError("export_onnx needs a checkpoint, or an arch and a seed for random "
                          "weights")
+    if arch is not None:
+        arch = canonical_arch(arch)
     if checkpoint is not None:
         checkpoint = Path(checkpoint)
         if not checkpoint.is_file():
@@ -349,7 +410,6 @@ def export_onnx(arch: str | None, checkpoint: str | Path | None, out_dir: str | 
                 LOG.info("SAM export cached in %s", cand)
                 return _result(cand)
     if arch is not None:
-        _check_arch(arch)
         target = export_dir_for(arch, checkpoint, out_dir, seed=seed)
         if not force and _cached(target / samrt.META_FILE, source_key):
             LOG.info("SAM %s export cached in %s", arch, target)
@@ -362,8 +422,7 @@ def export_onnx(arch: str | None, checkpoint: str | Path | None, out_dir: str | 
         assert checkpoint is not None
         sd = load_state_dict(checkpoint)
         arch = infer_arch(sd)
-        model = build_sam(arch)
-        model.load_state_dict(sd, strict=True)
+        model = _with_weights(build_sam(arch), sd)
         del sd
         target = export_dir_for(arch, checkpoint, out_dir, seed=seed)
     if model is None:
@@ -371,17 +430,17 @@ def export_onnx(arch: str | None, checkpoint: str | Path | None, out_dir: str | 
             model = load_sam(checkpoint, arch)
         else:
             assert seed is not None
-            model = build_sam(arch)
-            model.load_state_dict(random_state_dict(arch, seed))
+            model = random_sam(arch, seed)
     model = model.eval().float()
 
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=out_dir))
     t0 = time.monotonic()
     try:
-        enc_cls, dec_cls = _onnx_modules()
+        enc_cls, dec_cls = _onnx_modules(arch)
         size = model.image_encoder.img_size
-        LOG.warning("exporting SAM %s encoder to ONNX (about a minute for vit_b on CPU)", arch)
+        LOG.warning("exporting SAM %s encoder to ONNX (about a minute for vit_b on CPU, "
+                    "seconds for vit_t)", arch)
         emb = model.prompt_encoder.image_embedding_size
         dim = model.prompt_encoder.embed_dim
         low = 4 * emb[0]
@@ -405,12 +464,11 @@ def export_onnx(arch: str | None, checkpoint: str | Path | None, out_dir: str | 
                         samrt.DECODER_INPUTS, samrt.DECODER_OUTPUTS, axes,
                         {"low_res_masks": ["num_prompts", k, low, low],
                          "iou_predictions": ["num_prompts", k]})
-        import segment_anything  # noqa: F401  (version for the sidecar)
-
         meta = {
             "format": EXPORT_FORMAT,
             "version": EXPORT_VERSION,
             "arch": arch,
+            "reference": reference_version(arch),
             "source_key": source_key,
             "checkpoint": ({"file": checkpoint.name, "sha256": ckpt_sha} if checkpoint
                            else {"random_seed": seed}),
@@ -507,7 +565,8 @@ def parity_check(arch: str | None, checkpoint: str | Path | Any,
                  boxes: Any, *, points: Any = None, point_labels: Any = None,
                  multimask_modes: Sequence[bool] = (True, False), decoder_only: bool = False,
                  engine_config: Any = None, seed: int | None = None) -> dict[str, Any]:
-    """Our ONNX path vs ``segment_anything.SamPredictor`` (torch, same weights) on one image.
+    """Our ONNX path vs the reference ``SamPredictor`` (torch, same weights) on one image:
+    ``segment_anything``'s for ViT-B/L/H, ``mobile_sam``'s for vit_t.
 
     checkpoint  a ``.pth`` path, an already loaded ``Sam`` module (saves a reload), or None
                 with ``seed``: the seeded random weights ``export_onnx(..., seed=)`` used.
@@ -525,10 +584,9 @@ def parity_check(arch: str | None, checkpoint: str | Path | Any,
     ``*_decoder_only`` sets feed the torch embedding to our decoder (isolates the decoder
     export). Also: preprocessing diff (our [1,3,1024,1024] tensor vs
     ``model.preprocess(transform.apply_image(...))``), resized-uint8 equality, embedding
-    diff, timings, ``passed`` against :data:`TOLERANCES`.
+    diff, timings, the reference package and version, ``passed`` against :data:`TOLERANCES`.
     """
     import torch
-    from segment_anything import SamPredictor
 
     from .engines import EngineConfig
 
@@ -538,20 +596,23 @@ def parity_check(arch: str | None, checkpoint: str | Path | Any,
         if seed is None or arch is None:
             raise ValueError("parity_check needs a checkpoint, or arch and seed for random "
                              "weights")
-        model = build_sam(arch)
-        model.load_state_dict(random_state_dict(arch, seed))
+        model = random_sam(arch, seed)
     else:
         model = load_sam(checkpoint, arch)
     model = model.eval()
-    arch = arch or _EMBED_DIM_TO_ARCH.get(int(model.image_encoder.patch_embed.proj.weight
-                                              .shape[0]))
+    found = infer_arch(model.state_dict())
+    if arch is not None and canonical_arch(arch) != found:
+        raise ValueError(f"the SAM module is {found}, not {arch}")
+    arch = found
+    SamPredictor = reference_package(arch).SamPredictor  # noqa: N806
     if isinstance(exported, samrt.SamSegmenter):
         seg = exported
     else:
         seg = samrt.SamSegmenter.from_exported(
             exported, engine_config or EngineConfig(backend="onnxruntime", device="cpu"))
     rgb = np.ascontiguousarray(image_bgr[:, :, ::-1])
-    report: dict[str, Any] = {"arch": arch, "image_size": list(image_bgr.shape[:2]),
+    report: dict[str, Any] = {"arch": arch, "reference": reference_version(arch),
+                              "image_size": list(image_bgr.shape[:2]),
                               "tolerances": dict(TOLERANCES)}
     # preprocessing
     ref_resized = SamPredictor(model).transform.apply_image(rgb)
