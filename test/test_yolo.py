@@ -176,6 +176,46 @@ def test_letterbox_mean_std_and_validation() -> None:
         Letterbox(224, std=(1, 0, 1))
 
 
+def _full_tensor(padded: np.ndarray, color: str, scale: float, mean: Any = None,
+                 std: Any = None) -> np.ndarray:
+    """The whole letterboxed image converted at once (what Letterbox did before it converted
+    only the resized region per frame): channel order, scale, mean, std in float32."""
+    planes = []
+    for c in ((2, 1, 0) if color == "rgb" else (0, 1, 2)):
+        plane = padded[:, :, c].astype(np.float32)
+        if scale != 1.0:
+            plane = np.multiply(padded[:, :, c], np.float32(scale), dtype=np.float32)
+        if mean is not None:
+            plane = plane - np.float32(mean[len(planes)])
+        if std is not None:
+            plane = plane / np.float32(std[len(planes)])
+        planes.append(plane)
+    return np.stack(planes)[None]
+
+
+@pytest.mark.parametrize("kw", [
+    dict(size=(416, 416), align="topleft", color="bgr", scale=1.0),
+    dict(size=640, align="center", color="rgb", scale=1 / 255),
+    dict(size=(224, 320), align="center", color="rgb", scale=1 / 255,
+         mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)),
+    dict(size=(320, 256), align="topleft", color="rgb", scale=1 / 255, scaleup=False),
+], ids=["yolox", "ultralytics", "mean-std", "no-scaleup"])
+def test_letterbox_region_conversion_equals_whole_image(kw: dict) -> None:
+    """Only the resized region is converted per frame (the padding once per source size): the
+    tensor must equal converting the whole letterboxed image, bit for bit, on real frames of
+    changing sizes (a stale padding or region would show), including 1280×720."""
+    size = kw.pop("size")
+    lb = Letterbox(size, **kw)
+    shapes = LB_SIZES + [(720, 1280), (720, 1280), (101, 333), (720, 1280)]
+    for k, (h, w) in enumerate(shapes):
+        img = cv2.resize(cv2.imread(str(IMAGES[k % len(IMAGES)])), (w, h),
+                         interpolation=cv2.INTER_AREA)
+        tensor, _ = lb(img)
+        ref = _full_tensor(lb.padded, kw["color"], kw["scale"], kw.get("mean"), kw.get("std"))
+        assert tensor.dtype == np.float32 and tensor.shape == ref.shape
+        assert tensor.tobytes() == ref.tobytes(), f"source {h}x{w} (frame {k})"
+
+
 # --------------------------------------------------------------------------- Detections / NMS
 def test_detections_validation_and_json() -> None:
     d = Detections(np.array([[1, 2, 3, 4], [0, 0, 10, 5]]), [0.9, 0.5], [0, 2],
@@ -200,6 +240,20 @@ def test_detections_validation_and_json() -> None:
         Detections(np.zeros((1, 4)), [1], [0], [])
     with pytest.raises(ValueError, match="x2 >= x1"):
         Detections(np.array([[5, 0, 1, 1]]), [1], [0], ["a"])
+
+
+@pytest.mark.parametrize("xyxy,scores,ids,match", [
+    ([[0, 0, np.inf, 1]], [0.5], [0], "NaN or inf"),
+    ([[0, np.nan, 1, 1]], [0.5], [0], "NaN or inf"),
+    ([[0, 0, 1, 1], [0, 5, 1, 4]], [0.5, 0.5], [0, 0], "row 1"),
+    ([[0, 0, 1, 1]], [np.nan], [0], "scores contains NaN"),
+    ([[0, 0, 1, 1]], [0.5], [-1], "class_ids must be >= 0"),
+], ids=["inf", "nan", "y2<y1", "nan-score", "negative-id"])
+def test_detections_value_errors_name_the_field(xyxy: list, scores: list, ids: list,
+                                                match: str) -> None:
+    names = ["a"] * len(ids)
+    with pytest.raises(ValueError, match=match):
+        Detections(np.array(xyxy, np.float32), scores, ids, names)
 
 
 def _greedy_reference(boxes: np.ndarray, scores: np.ndarray, thr: float,
@@ -243,6 +297,74 @@ def test_nms_class_aware_with_negative_coordinates_and_legacy_offset(
     b = np.concatenate([xy, xy + rng.uniform(2, 30, (300, 2))], 1).astype(np.float32)
     s = rng.uniform(0, 1, 300).astype(np.float32)
     assert nms(b, s, 0.45, box_offset=1.0).tolist() == demo_utils.nms(b, s, 0.45)
+
+
+def _messy_boxes(rng: np.random.Generator, n: int) -> np.ndarray:
+    """Random boxes with duplicates, zero-area rows and (sometimes) a NaN row."""
+    xy = rng.uniform(-20, 100, (n, 2))
+    b = np.concatenate([xy, xy + rng.uniform(0, 60, (n, 2))], 1).astype(np.float32)
+    if n > 3:
+        b[rng.integers(0, n, 3)] = b[0]
+        b[rng.integers(0, n), 2] = b[rng.integers(0, n), 0]
+    return b
+
+
+NMS_EDGES = [  # (boxes, scores, thr, classes, offset, kept)
+    ([[0, 0, 10, 10], [0, 0, 10, 10], [1, 1, 5, 5]], [0.9, 0.8, 0.7], 1.0, None, 0.0,
+     [0, 1, 2]),  # duplicates: IoU exactly 1.0 is not > 1.0
+    ([[0, 0, 2, 1], [0, 0, 1, 1]], [0.5, 0.9], 0.5, None, 0.0, [1, 0]),  # IoU exactly 0.5
+    ([[0, 0, 2, 1], [0, 0, 1, 1]], [0.5, 0.9], 0.49, None, 0.0, [1]),
+    ([[0, 0, 1, 1], [1, 0, 2, 1]], [0.9, 0.9], 0.0, None, 0.0, [0, 1]),  # touching, tie
+    ([[0, 0, 1, 1], [1, 0, 2, 1]], [0.9, 0.9], 0.0, None, 1.0, [0]),  # +1 px: they overlap
+    ([[3, 3, 3, 3], [3, 3, 3, 3]], [0.2, 0.3], 0.1, None, 0.0, [1, 0]),  # zero area
+    ([[0, 0, 4, 4], [0, 0, 4, 4]], [0.3, 0.3], 0.5, [1, 0], 0.0, [0, 1]),  # other class
+]
+
+
+@pytest.mark.parametrize("boxes,scores,thr,classes,offset,kept", NMS_EDGES)
+def test_nms_edge_cases_on_both_passes(boxes: list, scores: list, thr: float, classes: Any,
+                                       offset: float, kept: list[int],
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    from perception2d_ros.core import nms as nms_module
+
+    b, s = np.array(boxes, np.float32), np.array(scores, np.float32)
+    cls = None if classes is None else np.array(classes)
+    assert nms(b, s, thr, class_ids=cls, box_offset=offset).tolist() == kept
+    monkeypatch.setattr(nms_module, "PYTHON_MAX", -1)
+    assert nms(b, s, thr, class_ids=cls, box_offset=offset).tolist() == kept
+
+
+@settings(max_examples=80, deadline=None)
+@given(n=st.integers(0, 90), seed=st.integers(0, 2**31 - 1),
+       thr=st.sampled_from([0.0, 0.3, 0.45, 0.65, 1.0]), aware=st.booleans(),
+       offset=st.sampled_from([0.0, 1.0]), bad=st.sampled_from([None, np.nan, np.inf, 1e31]),
+       cap=st.booleans(), f16=st.booleans())
+def test_nms_python_pass_equals_numpy_pass(n: int, seed: int, thr: float, aware: bool,
+                                           offset: float, bad: float | None, cap: bool,
+                                           f16: bool) -> None:
+    """Up to PYTHON_MAX candidates NMS runs in plain Python; it must keep exactly what the
+    float64 numpy pass keeps: tied scores, duplicate and zero-area boxes, both area
+    conventions, max_det, float16 input, and (handed to the numpy pass) NaN / inf / huge
+    coordinates."""
+    from perception2d_ros.core import nms as nms_module
+
+    rng = np.random.default_rng(seed)
+    boxes = _messy_boxes(rng, n)
+    if bad is not None and n:
+        boxes[rng.integers(0, n), rng.integers(0, 4)] = bad
+    scores = rng.integers(0, 6, n).astype(np.float32) / 5  # many ties
+    if f16:
+        with np.errstate(over="ignore"):  # 1e31 becomes inf
+            boxes, scores = boxes.astype(np.float16), scores.astype(np.float16)
+    classes = rng.integers(0, 3, n) if aware else None
+    max_det = int(rng.integers(0, n + 1)) if cap else None
+    kw = dict(class_ids=classes, max_det=max_det, box_offset=offset)
+    with np.errstate(invalid="ignore", over="ignore"), pytest.MonkeyPatch.context() as mp:
+        fast = nms(boxes, scores, thr, **kw)
+        mp.setattr(nms_module, "PYTHON_MAX", -1)
+        numpy_pass = nms(boxes, scores, thr, **kw)
+    assert fast.dtype == numpy_pass.dtype == np.int64
+    assert fast.tolist() == numpy_pass.tolist()
 
 
 # --------------------------------------------------------------------------- synthetic decoders
@@ -485,6 +607,27 @@ def test_default_nms_differs_from_legacy_only_in_area_convention(
         boxes = meta.to_source(boxes, clip=False)
         keep = nms(boxes, scores, 0.45, class_ids=cls)
         assert keep.tolist() == _greedy_reference(boxes, scores, 0.45, cls), name
+
+
+@pytest.mark.parametrize("conf", [0.001, 0.05, 0.3])
+def test_nms_paths_keep_the_same_real_candidates(yolox: YoloDetector, raw_outputs: dict,
+                                                 monkeypatch: pytest.MonkeyPatch,
+                                                 conf: float) -> None:
+    """Real YOLOX-nano candidates of all 38 images (up to ~500 at conf 0.001): the Python pass
+    and the numpy pass keep the same boxes, class-aware and agnostic, both conventions."""
+    from perception2d_ros.core import nms as nms_module
+
+    det = _same_engine(yolox, conf=conf, max_det=10_000)
+    for name, (raw, meta, _) in raw_outputs.items():
+        boxes, scores, cls = det.decode(raw)
+        boxes = meta.to_source(boxes, clip=False)
+        for classes in (cls, None):
+            for offset in (0.0, 1.0):
+                runs = []
+                for limit in (10**6, -1):  # always Python, never Python
+                    monkeypatch.setattr(nms_module, "PYTHON_MAX", limit)
+                    runs.append(nms(boxes, scores, 0.45, class_ids=classes, box_offset=offset))
+                assert runs[0].tolist() == runs[1].tolist(), (name, offset, classes is None)
 
 
 GEOMETRY_IMAGE = "000000181666.jpg"  # 640x425: a person and five cows, all confident

@@ -38,11 +38,11 @@ class Detections:
             raise ValueError(f"Detections.scores must have shape ({n},) to match xyxy; "
                              f"got {np.shape(self.scores)}")
         raw_ids = np.asarray(self.class_ids)
-        if raw_ids.size and not np.issubdtype(raw_ids.dtype, np.integer):
+        if raw_ids.size and raw_ids.dtype.kind not in "iu":
             if not np.all(np.mod(raw_ids, 1) == 0):
                 raise ValueError("Detections.class_ids must be integers; got "
                                  f"{raw_ids.dtype} values {raw_ids[:5]}")
-        class_ids = raw_ids.astype(np.int64).reshape(-1)
+        class_ids = raw_ids.astype(np.int64, copy=False).reshape(-1)
         if class_ids.shape != (n,):
             raise ValueError(f"Detections.class_ids must have shape ({n},) to match xyxy; "
                              f"got {raw_ids.shape}")
@@ -52,7 +52,9 @@ class Detections:
                              f"got {len(names)}")
         if not all(isinstance(s, str) for s in names):
             raise ValueError("Detections.class_names must be strings")
-        if n:
+        # one cheap pass for valid input (the common case); the checks below name the field
+        if n and not (np.isfinite(xyxy).all() and np.isfinite(scores).all()
+                      and (xyxy[:, 2:] >= xyxy[:, :2]).all() and class_ids.min() >= 0):
             if not np.isfinite(xyxy).all():
                 raise ValueError("Detections.xyxy contains NaN or inf")
             bad = np.flatnonzero((xyxy[:, 2] < xyxy[:, 0]) | (xyxy[:, 3] < xyxy[:, 1]))
@@ -78,7 +80,7 @@ class Detections:
         """Build from arrays, naming each detection from ``labels`` (index → name).
 
         Class ids without a label are named ``"class_<id>"``."""
-        ids = np.asarray(class_ids).astype(np.int64).reshape(-1)
+        ids = np.asarray(class_ids).astype(np.int64, copy=False).reshape(-1)
         nl = len(labels)
         names = [labels[i] if 0 <= i < nl else f"class_{i}" for i in ids.tolist()]
         return cls(xyxy, scores, ids, names)

@@ -210,7 +210,7 @@ class YoloDetector:
         self.class_allow = self._allow_list(classes)
         self.letterbox = Letterbox(self.input_hw, **_PREPROCESS[self.format])
         self._strides = self._yolox_strides(out_shape) if self.format == "yolox" else None
-        self._grid: tuple[np.ndarray, np.ndarray] | None = None
+        self._grid: np.ndarray | None = None
         self.timings: dict[str, float] = {}
         self.model_path: Path | None = None  # set by from_model
         self.model_name: str | None = None
@@ -432,35 +432,35 @@ class YoloDetector:
             raise FormatError(f"{self.format} output must have {cols} columns per row "
                               f"({self.num_classes} classes); got {pred.shape}")
 
-    def _yolox_grid(self, rows: int) -> tuple[np.ndarray, np.ndarray]:
-        if self._grid is None or self._grid[0].shape[0] != rows:
+    def _yolox_grid(self, rows: int) -> np.ndarray:
+        """(rows, 3) float64: grid x, grid y, stride of every output row (built once)."""
+        if self._grid is None or self._grid.shape[0] != rows:
             h, w = self.input_hw
-            grids, strides = [], []
+            cells = []
             for s in self._strides or STRIDES:
                 xv, yv = np.meshgrid(np.arange(w // s), np.arange(h // s))
-                grids.append(np.stack((xv, yv), 2).reshape(-1, 2))
-                strides.append(np.full((grids[-1].shape[0], 1), s))
-            grid = np.concatenate(grids).astype(np.float64)
-            stride = np.concatenate(strides).astype(np.float64)
+                cells.append(np.stack((xv, yv, np.full_like(xv, s)), 2).reshape(-1, 3))
+            grid = np.concatenate(cells).astype(np.float64)
             if grid.shape[0] != rows:
                 raise FormatError(f"yolox output has {rows} rows; the grid at input "
                                   f"{self.input_hw} has {grid.shape[0]} cells")
-            self._grid = (grid, stride)
+            self._grid = grid
         return self._grid
 
     def _decode_obj(self, pred: np.ndarray, grid: bool
                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """YOLOX / YOLOv5 rows [box(4), obj, cls(nc)]; score = obj × cls."""
         self._expect_cols(pred, 5 + (self.num_classes or 0))
-        obj = pred[:, 4]
-        cand = np.flatnonzero(obj > self.conf)  # obj*cls <= obj: exact pre-filter
-        cls_scores = pred[cand, 5:] * obj[cand, None]
-        cand, scores, cls = self._select(cand, cls_scores)
-        rows = pred[cand, :4]
+        # obj*cls <= obj: an exact pre-filter; then only the (few) candidate rows are touched
+        cand = np.flatnonzero(pred[:, 4] > self.conf)
+        sub = pred[cand]
+        pos, scores, cls = self._select(sub[:, 5:] * sub[:, 4:5])
+        rows = sub[pos]
         if grid:
-            g, s = self._yolox_grid(pred.shape[0])
-            xy = ((rows[:, :2] + g[cand]) * s[cand]).astype(np.float32)
-            wh = (np.exp(rows[:, 2:4]) * s[cand]).astype(np.float32)
+            gs = self._yolox_grid(pred.shape[0])[cand[pos]]  # grid x, grid y, stride
+            stride = gs[:, 2:]
+            xy = ((rows[:, :2] + gs[:, :2]) * stride).astype(np.float32)
+            wh = (np.exp(rows[:, 2:4]) * stride).astype(np.float32)
         else:
             xy, wh = rows[:, :2], rows[:, 2:4]
         return _cxcywh_to_xyxy(xy, wh), scores, cls
@@ -475,8 +475,8 @@ class YoloDetector:
         cls_all = pred[4:]  # (nc, N)
         best = cls_all.max(axis=0)
         cand = np.flatnonzero(best > self.conf)
-        cand, scores, cls = self._select(cand, cls_all[:, cand].T)
-        box = pred[:4, cand].T
+        pos, scores, cls = self._select(cls_all[:, cand].T)
+        box = pred[:4, cand[pos]].T
         return _cxcywh_to_xyxy(box[:, :2], box[:, 2:4]), scores, cls
 
     def _decode_v10(self, pred: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -488,19 +488,18 @@ class YoloDetector:
         return (np.ascontiguousarray(sel[:, :4]), np.ascontiguousarray(sel[:, 4]),
                 np.rint(sel[:, 5]).astype(np.int64))
 
-    def _select(self, cand: np.ndarray, cls_scores: np.ndarray
-                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(M,) candidate rows + their (M, nc) class scores → rows, scores, classes > conf
-        (argmax class, or every class above conf with ``multi_label``)."""
+    def _select(self, cls_scores: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(M, nc) class scores of M candidates → (positions among the M, scores, classes)
+        above conf (argmax class, or every class above conf with ``multi_label``)."""
         if self.multi_label:
             i, j = np.nonzero(cls_scores > self.conf)
-            return cand[i], cls_scores[i, j], j.astype(np.int64)
+            return i, cls_scores[i, j], j.astype(np.int64)
         if cls_scores.shape[0] == 0 or cls_scores.shape[1] == 0:
-            return cand[:0], np.zeros(0, np.float32), np.zeros(0, np.int64)
+            return np.zeros(0, np.intp), np.zeros(0, np.float32), np.zeros(0, np.int64)
         j = cls_scores.argmax(axis=1)
-        s = cls_scores[np.arange(j.shape[0]), j]
-        m = s > self.conf
-        return cand[m], s[m], j[m].astype(np.int64)
+        s = cls_scores.max(axis=1)  # the value at j (any difference is a zero, below conf)
+        pos = np.flatnonzero(s > self.conf)
+        return pos, s[pos], j[pos].astype(np.int64, copy=False)
 
     @staticmethod
     def _first_output(outputs: Mapping[str, np.ndarray] | np.ndarray) -> np.ndarray:

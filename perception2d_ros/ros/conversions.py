@@ -44,10 +44,18 @@ def array_to_image_msg(array: np.ndarray, encoding: str, header: Header) -> Imag
     return msg
 
 
+def _raw(values: Any) -> bytes | tuple:
+    # d is an array.array, k/r/p numpy arrays: their bytes hash and compare much faster than
+    # tuples of numpy scalars (and a NaN in a calibration still compares equal to itself)
+    tobytes = getattr(values, "tobytes", None)
+    return tobytes() if tobytes is not None else tuple(values)
+
+
 def camera_info_key(msg: CameraInfo) -> tuple:
+    """Hashable identity of a calibration (everything but the header)."""
     roi = msg.roi
-    return (msg.width, msg.height, msg.distortion_model, tuple(msg.d), tuple(msg.k),
-            tuple(msg.r), tuple(msg.p), msg.binning_x, msg.binning_y,
+    return (msg.width, msg.height, msg.distortion_model, _raw(msg.d), _raw(msg.k),
+            _raw(msg.r), _raw(msg.p), msg.binning_x, msg.binning_y,
             (roi.x_offset, roi.y_offset, roi.width, roi.height, roi.do_rectify))
 
 
@@ -88,26 +96,43 @@ def detections_msg(det: Any, header: Header, extra_hypotheses: Sequence[Sequence
                    | None = None, ids: Sequence[str] | None = None) -> Any:
     """Detection2DArray: class_id = class name, score, axis-aligned bbox in image pixels,
     id = detection index (or ``ids``); ``extra_hypotheses[i]`` are appended (CLIP labels)."""
-    from vision_msgs.msg import (BoundingBox2D, Detection2D, Detection2DArray,
-                                 ObjectHypothesis, ObjectHypothesisWithPose)
+    from vision_msgs.msg import Detection2D, Detection2DArray, ObjectHypothesisWithPose
 
-    out = Detection2DArray(header=copy_header(header))
-    xyxy = np.asarray(det.xyxy, np.float64).reshape(-1, 4)
-    for i in range(xyxy.shape[0]):
-        x1, y1, x2, y2 = xyxy[i]
-        d = Detection2D(header=copy_header(header), id=str(ids[i]) if ids is not None else str(i))
-        bbox = BoundingBox2D(size_x=float(x2 - x1), size_y=float(y2 - y1))
-        bbox.center.position.x = float((x1 + x2) / 2.0)
-        bbox.center.position.y = float((y1 + y2) / 2.0)
-        d.bbox = bbox
-        hyps = [(str(det.class_names[i]), float(det.scores[i]))]
-        if extra_hypotheses is not None:
-            hyps = list(extra_hypotheses[i]) if extra_hypotheses[i] is not None else hyps
+    # Every generated message constructor builds all its default sub-messages even when one is
+    # passed in, so the defaults are filled in place instead of replaced (half the objects;
+    # same message). Values go through Python floats: the same doubles as before.
+    out = Detection2DArray()
+    _fill_header(out.header, header)
+    xyxy = np.asarray(det.xyxy).reshape(-1, 4).tolist()  # float32 → the same doubles
+    scores = np.asarray(det.scores).reshape(-1).tolist()
+    names = det.class_names
+    detections = out.detections
+    for i, (x1, y1, x2, y2) in enumerate(xyxy):
+        d = Detection2D()
+        _fill_header(d.header, header)
+        d.id = str(ids[i]) if ids is not None else str(i)
+        bbox = d.bbox
+        bbox.size_x = x2 - x1
+        bbox.size_y = y2 - y1
+        center = bbox.center.position
+        center.x = (x1 + x2) / 2.0
+        center.y = (y1 + y2) / 2.0
+        extra = extra_hypotheses[i] if extra_hypotheses is not None else None
+        hyps = [(names[i], scores[i])] if extra is None else extra
         for name, score in hyps:
-            d.results.append(ObjectHypothesisWithPose(
-                hypothesis=ObjectHypothesis(class_id=name, score=float(score))))
-        out.detections.append(d)
+            h = ObjectHypothesisWithPose()
+            h.hypothesis.class_id = str(name)
+            h.hypothesis.score = float(score)
+            d.results.append(h)
+        detections.append(d)
     return out
+
+
+def _fill_header(dst: Header, src: Header) -> None:
+    """Copy ``src``'s stamp and frame_id into the (fresh) header ``dst``."""
+    dst.stamp.sec = src.stamp.sec
+    dst.stamp.nanosec = src.stamp.nanosec
+    dst.frame_id = src.frame_id
 
 
 def label_info_msg(names: Sequence[str], header: Header, threshold: float = 0.0,
