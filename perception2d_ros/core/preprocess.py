@@ -197,7 +197,7 @@ class Letterbox:
         else:
             interp = cv2.INTER_LINEAR if self.interpolation is None else self.interpolation
             out = cv2.resize(image, (roi.shape[1], roi.shape[0]), dst=roi, interpolation=interp)
-            if not np.shares_memory(out, self.padded):  # cv2 could not write in place
+            if out is not roi and not np.shares_memory(out, self.padded):  # not in place
                 roi[...] = out
         self._to_tensor(roi, roi_tensor)
         return self.tensor, meta
@@ -206,14 +206,14 @@ class Letterbox:
         """(h, w, 3) uint8 BGR ``src`` → (3, h, w) float32 ``dst`` (views of ``self.padded``
         and ``self.tensor``): channel order, scale, mean/std, element by element, so
         converting a region gives the same values as converting the whole image."""
-        order = (2, 1, 0) if self.color == "rgb" else (0, 1, 2)
-        for dst_c, src_c in enumerate(order):
-            plane = dst[dst_c]
-            if self.scale == 1.0:
-                np.copyto(plane, src[:, :, src_c], casting="unsafe")
-            else:
-                np.multiply(src[:, :, src_c], self.scale, out=plane, casting="unsafe")
-            if self.mean is not None:
-                plane -= self.mean[dst_c]
-            if self.std is not None:
-                plane /= self.std[dst_c]
+        chw = src.transpose(2, 0, 1)  # one strided pass for all three channels
+        if self.color == "rgb":
+            chw = chw[::-1]
+        if self.scale == 1.0:
+            np.copyto(dst, chw, casting="unsafe")
+        else:
+            np.multiply(chw, self.scale, out=dst, casting="unsafe")
+        if self.mean is not None:
+            dst -= self.mean[:, None, None]
+        if self.std is not None:
+            dst /= self.std[:, None, None]
