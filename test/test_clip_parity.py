@@ -325,3 +325,25 @@ def test_vit_b16_export_and_parity(tmp_path_factory):
     assert report["image_cosine_min"] >= COS_MIN and report["text_cosine_min"] >= COS_MIN
     assert report["max_prob_diff"] <= PROB_TOL and report["preprocess_max_abs_diff"] <= 1e-6
     assert report["logit_scale"] == pytest.approx(100.0, rel=1e-3)
+
+
+def test_torch_backend_matches_onnxruntime(b32, labeler_b32):
+    """The CLIP towers run by torch (``backend: torch``, the GPU backend where only torch +
+    CUDA exist; here on the CPU) give ORT's embeddings: crops of real images and phrases,
+    including a dynamic batch and text length."""
+    torch_cfg = EngineConfig(backend="torch", device="cpu", fallback=False)
+    lab = ClipLabeler(b32["exported"], torch_cfg, text_cache_dir=None)
+    assert lab.image_engine.backend == lab.text_engine.backend == "torch"
+    vocab = PHRASES[:6]
+    lab.set_vocabulary(vocab, TEMPLATES)
+    labeler_b32.set_vocabulary(vocab, TEMPLATES)
+    np.testing.assert_allclose(lab._text_matrix(lab.vocabulary)[2],
+                               labeler_b32._text_matrix(labeler_b32.vocabulary)[2], atol=1e-5)
+    for path, boxes in coco_boxes(max_per_image=3, n_images=2):
+        bgr = cv2.imread(str(path))
+        x, _ = labeler_b32.preprocess(bgr, boxes)
+        np.testing.assert_allclose(lab.embed_preprocessed(x), labeler_b32.embed_preprocessed(x),
+                                   atol=1e-5)
+        ours = [r.top.name for r in lab.label_boxes(bgr, boxes)]
+        assert ours == [r.top.name for r in labeler_b32.label_boxes(bgr, boxes)]
+    lab.close()

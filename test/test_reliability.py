@@ -600,17 +600,20 @@ def test_no_false_missing_camera_info_after_a_pause(rigs):
 
 
 # --------------------------------------------------------------------------- faults
-def _onnx(path: Path, shape: list[int], ir_version: int | None = None) -> Path:
-    """A tiny real ONNX model y = x + 1 with input ``shape``."""
+def _onnx(path: Path, shape: list[int], ir_version: int | None = None,
+          domain: str = "") -> Path:
+    """A tiny real ONNX model y = x + 1 with input ``shape`` (``domain``: the Add comes from
+    an operator set no backend here knows)."""
     onnx = pytest.importorskip("onnx")
     from onnx import TensorProto, helper
 
     x = helper.make_tensor_value_info("images", TensorProto.FLOAT, shape)
     y = helper.make_tensor_value_info("output", TensorProto.FLOAT, shape)
     one = helper.make_tensor("one", TensorProto.FLOAT, [], [1.0])
-    graph = helper.make_graph([helper.make_node("Add", ["images", "one"], ["output"])],
-                              "add_one", [x], [y], [one])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    graph = helper.make_graph([helper.make_node("Add", ["images", "one"], ["output"],
+                                                domain=domain)], "add_one", [x], [y], [one])
+    opsets = [helper.make_opsetid("", 17)] + ([helper.make_opsetid(domain, 1)] if domain else [])
+    model = helper.make_model(graph, opset_imports=opsets)
     if ir_version is not None:
         model.ir_version = ir_version  # as written by a newer exporter than our runtime
     onnx.save(model, str(path))
@@ -725,9 +728,11 @@ def test_model_with_the_wrong_input_signature_fails_configure(ros, tmp_path, mod
 
 def test_engine_that_cannot_load_and_no_backend_left_fails_configure(ros, tmp_path, models_dir,
                                                                      capfd):
-    """ONNX Runtime cannot load a model from a newer exporter (IR version 99); the fallback
-    finds no other backend for it on this machine: configure fails naming each reason."""
-    new = _onnx(tmp_path / "too_new.onnx", [1, 3, 64, 64], ir_version=99)
+    """ONNX Runtime cannot load a model from a newer exporter (IR version 99, an operator set
+    it does not know); the fallback finds no other backend for it on this machine (torch's
+    ONNX interpreter does not know the op either): configure fails naming each reason."""
+    new = _onnx(tmp_path / "too_new.onnx", [1, 3, 64, 64], ir_version=99,
+                domain="com.example.newer")
     d = _models_copy(tmp_path, models_dir, {"too_new": new})
     shutil.copy(new, d)
     capfd.readouterr()

@@ -664,9 +664,10 @@ def create_engine(onnx_path: str | Path, config: EngineConfig | None = None, *,
                 assert torch_factory is not None
                 engine = torch_factory()
         except EngineError as exc:
-            if not cfg.fallback or name == order[-1]:
+            if not cfg.fallback:
                 raise
-            LOG.warning("backend %s failed (%s); falling back", name, exc)
+            if name != order[-1]:
+                LOG.warning("backend %s failed (%s); falling back", name, exc)
             errors.append(f"{name}: {exc}")
             continue
         LOG.info("engine: %s chosen (%s)%s", name, why,
