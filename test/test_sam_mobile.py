@@ -156,3 +156,38 @@ def test_sam_stage_runs_the_mobile_sam_export(mobile, monkeypatch) -> None:
     seg.set_image(image)
     ref = seg.predict(boxes=np.asarray(frame.detections.xyxy, np.float64))
     np.testing.assert_array_equal(frame.masks.instance_ids, sam.instance_id_image(ref))
+
+
+def test_device_path_matches_host_path(mobile, coco):
+    """MobileSAM with every engine on torch and the frame, embedding and mask upscaling kept
+    on the device (core/gpu.py; here torch's CPU device) against the host path (ORT, numpy):
+    the only approximation is the encoder's input resize (antialiased bilinear in float vs
+    Pillow's fixed point), so masks agree to IoU >= 0.98 and the scores closely."""
+    _, files, _, _ = mobile
+    host = sam.SamSegmenter.from_exported(files, CPU)
+    dev = sam.SamSegmenter.from_exported(files, EngineConfig(backend="torch", device="cpu",
+                                                         fallback=False), device_tensors=True)
+    assert host.device is None and dev.device == "cpu"
+    import torch
+
+    for name in PARITY_IMAGES:
+        image = cv2.imread(str(COCO_DIR / "images" / name))
+        boxes = _prompts(coco, name)[0]
+        host.set_image(image)
+        dev.set_image(torch.from_numpy(image))          # a device tensor in, as the pipeline
+        assert isinstance(dev.embedding, torch.Tensor)
+        for select in ("iou", "stability"):
+            host.select = dev.select = select
+            a, b = dev.predict(boxes=boxes), host.predict(boxes=boxes)
+            assert a.masks.shape == b.masks.shape and a.masks.dtype == bool
+            ious = [sam.mask_iou(x, y) for x, y in zip(a.masks, b.masks)]
+            assert min(ious) >= 0.98, ious
+            np.testing.assert_allclose(a.scores, b.scores, atol=2e-2)
+        # with the host's own embedding the decoder + upscaling path is near exact
+        dev.set_embedding(host.embedding, image.shape[:2])
+        a, b = dev.predict(boxes=boxes), host.predict(boxes=boxes)
+        assert min(sam.mask_iou(x, y) for x, y in zip(a.masks, b.masks)) >= 0.999
+        np.testing.assert_allclose(a.low_res_logits, b.low_res_logits, atol=1e-3)
+        np.testing.assert_allclose(a.stability, b.stability, atol=1e-3)
+    host.close()
+    dev.close()

@@ -44,6 +44,9 @@ class Frame:
     labels: Any = None
     vocabulary_version: int | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    # the working image as an HxWx3 uint8 BGR tensor on the models' device, when the
+    # pipeline keeps frames there (``detect.device_frames``); None otherwise
+    device_bgr: Any = None
     _bgr_cache: np.ndarray | None = None
 
     @property
@@ -103,6 +106,7 @@ class RectifyStage:
         self._out: np.ndarray = np.empty((0,), np.uint8)
         self._sole_refs = self._out_refs()
         self.output_encoding = output_encoding
+        self.device_frames: Any = None   # core.gpu.DeviceFrames: rectify on the device
 
     def _out_refs(self) -> int:
         return sys.getrefcount(self._out)
@@ -119,7 +123,16 @@ class RectifyStage:
             raise ValueError(
                 f"camera_info.size {cam.image_size[0]}x{cam.image_size[1]} does not match image "
                 f"{image.shape[1]}x{image.shape[0]}")
-        if cam.is_identity:
+        dev = self.device_frames
+        if dev is not None and encoding in ("bgr8", "rgb8", "mono8") and \
+                self.interpolation in (0, 1):
+            # upload once; rectify on the device; the host copy is what gets published
+            from perception2d_ros.core.gpu import to_bgr
+
+            rect = dev.rectify(dev.upload(image), cam, self.interpolation)
+            frame.device_bgr = to_bgr(rect, encoding)
+            frame.rectified = image if cam.is_identity else dev.download(rect)
+        elif cam.is_identity:
             frame.rectified = image
         else:
             # Reuse the previous output only when nothing else holds it any more (a frame,
@@ -146,10 +159,17 @@ class DetectStage:
         self.detector = detector
         self.extrinsics = extrinsics
         self.plane_height = plane_height
+        self.device_frames: Any = None     # core.gpu.DeviceFrames
+        self.device_detector: Any = None   # core.gpu.DeviceDetector of ``detector``
 
     def process(self, frame: Frame) -> None:
         t0 = time.perf_counter()
-        frame.detections = self.detector.detect(frame.bgr())
+        if self.device_detector is not None:
+            if frame.device_bgr is None:
+                frame.device_bgr = self.device_frames.upload(frame.bgr())
+            frame.detections = self.device_detector.detect(frame.device_bgr)
+        else:
+            frame.detections = self.detector.detect(frame.bgr())
         if self.extrinsics is not None and frame.camera is not None:
             frame.ground = ground_positions(frame, self.extrinsics, self.plane_height)
         frame.timings[self.name] = time.perf_counter() - t0
@@ -211,6 +231,9 @@ DEFAULTS: dict[str, Any] = {
         "classes": [],
         "allow_outside_models_dir": False,  # a detect.model path outside models_dir
         "fallback": True,  # engine build/load failure (GPU OOM …): next backend, warning
+        # keep frames on the models' torch device from upload to postprocess (rectify,
+        # letterbox, decode + NMS, SAM pre/post): auto = when the detector runs on torch CUDA
+        "device_frames": "auto",
     },
     "extrinsics": {
         "enabled": False,
@@ -270,6 +293,9 @@ def validate_config(cfg: dict[str, Any]) -> None:
     for key in ("conf_threshold", "iou_threshold"):
         if not 0.0 <= float(d[key]) <= 1.0:
             raise ValueError(f"detect.{key}: {d[key]} is outside [0, 1]")
+    if str(d.get("device_frames", "auto")) not in ("auto", "on", "off"):
+        raise ValueError(f"detect.device_frames: '{d['device_frames']}' is not one of auto, "
+                         "on, off")
     if int(d["max_detections"]) < 1:
         raise ValueError(f"detect.max_detections: {d['max_detections']} must be >= 1")
     e = cfg["extrinsics"]
@@ -325,7 +351,38 @@ def build_pipeline(cfg: dict[str, Any], log: Callable[[str], None] = LOG.info) -
     for name in ("sam", "clip", "lseg"):
         if name in cfg["stages"]:
             stages.append(_build_optional_stage(name, cfg))
+    _keep_frames_on_device(stages, str(cfg["detect"].get("device_frames", "auto")), log)
     return Pipeline(stages)
+
+
+def _keep_frames_on_device(stages: list[Any], mode: str, log: Callable[[str], None]) -> None:
+    """``detect.device_frames``: where the detector runs on a torch device (auto: a CUDA
+    one), rectify and detect work on a device copy of the frame (``frame.device_bgr``) and a
+    SAM stage on the same device encodes it without a host round trip."""
+    from perception2d_ros.core.gpu import torch_device_of
+
+    det = next((s for s in stages if isinstance(s, DetectStage)), None)
+    device = torch_device_of(det.detector.engine) if det is not None else None
+    if mode == "off" or (mode == "auto" and not (device or "").startswith("cuda")):
+        return
+    if device is None:
+        raise ValueError("detect.device_frames: on needs the detector on the torch backend "
+                         "(detect.backend: torch)")
+    from perception2d_ros.core.gpu import DeviceDetector, DeviceFrames
+
+    frames = DeviceFrames(device)
+    for stage in stages:
+        if isinstance(stage, RectifyStage):
+            stage.device_frames = frames
+    det.device_frames = frames
+    det.device_detector = DeviceDetector(det.detector)
+    h, w = det.detector.input_hw   # warm-up (CUDA graph capture) at configure, not live
+    det.device_detector.detect(frames.upload(np.zeros((h, w, 3), np.uint8)))
+    sam = next((s for s in stages if s.name == "sam"), None)
+    if sam is not None and getattr(sam.segmenter, "device", None) != device:
+        sam = None
+    log(f"frames stay on {device}: rectify, letterbox, decode + NMS"
+        + (", SAM pre/postprocessing" if sam is not None else ""))
 
 
 class StageUnavailable(RuntimeError):

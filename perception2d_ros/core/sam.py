@@ -551,7 +551,8 @@ class SamSegmenter:
                  pixel_std: Sequence[float] = PIXEL_STD, select: str = "iou",
                  mask_threshold: float = MASK_THRESHOLD,
                  stability_offset: float = STABILITY_OFFSET, max_batch: int = 32,
-                 meta: Mapping[str, Any] | None = None) -> None:
+                 meta: Mapping[str, Any] | None = None,
+                 device_tensors: bool | None = None) -> None:
         if select not in ("iou", "stability"):
             raise ValueError(f"select must be 'iou' or 'stability', got '{select}'")
         self.encoder = encoder
@@ -566,6 +567,16 @@ class SamSegmenter:
         self.encoder_calls = 0
         self.decoder_calls = 0
         self.last_timings: dict[str, float] = {}
+        # torch engines on one device: the image, the embedding and the mask upscaling stay
+        # on it (core/gpu.py); auto = on for CUDA, where the host round trips cost most
+        from .gpu import torch_device_of
+
+        devs = {torch_device_of(e) for e in (encoder, decoder, decoder_single) if e is not None}
+        dev = devs.pop() if len(devs) == 1 else None
+        if device_tensors and dev is None:
+            raise SamError("device_tensors needs the encoder and decoders on one torch device")
+        self.device = dev if (device_tensors or (device_tensors is None and dev is not None
+                                                 and dev.startswith("cuda"))) else None
         self.reset_image()
 
     # ----------------------------------------------------------------- construction
@@ -620,15 +631,31 @@ class SamSegmenter:
 
         With a ``frame_id`` equal to the cached one (and the same image size) the cached
         embedding is reused and the encoder does not run. Returns True if it ran."""
-        image = np.asarray(image)
+        on_device = self.device is not None and not isinstance(image, np.ndarray)
+        if not on_device:
+            image = np.asarray(image)
         size = (int(image.shape[0]), int(image.shape[1]))
         if (frame_id is not None and self.is_image_set and frame_id == self.frame_id
                 and size == self.original_size):
             return False
         t0 = time.perf_counter()
-        tensor = self.preprocess(image, image_format)
-        t1 = time.perf_counter()
-        out = self.encoder.infer({ENCODER_INPUT: tensor})
+        if self.device is not None:
+            from .gpu import sam_preprocess
+
+            if not on_device:
+                import torch
+
+                if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+                    raise SamError(f"expected an HxWx3 uint8 image, got {image.shape} "
+                                   f"{image.dtype}")
+                image = torch.from_numpy(np.ascontiguousarray(image)).to(self.device)
+            tensor = sam_preprocess(image, self.transform, image_format)
+            t1 = time.perf_counter()
+            out = self.encoder.infer_tensors({ENCODER_INPUT: tensor})
+        else:
+            tensor = self.preprocess(image, image_format)
+            t1 = time.perf_counter()
+            out = self.encoder.infer({ENCODER_INPUT: tensor})
         self.encoder_calls += 1
         emb = out[ENCODER_OUTPUT] if ENCODER_OUTPUT in out else next(iter(out.values()))
         self.set_embedding(emb, size, frame_id)
@@ -638,9 +665,16 @@ class SamSegmenter:
     def set_embedding(self, embedding: np.ndarray, original_size: tuple[int, int],
                       frame_id: Any = None) -> None:
         """Use a precomputed embedding [1,256,64,64] float32 of an image of ``original_size``
-        (H, W) — e.g. from another process or the reference model."""
-        emb = np.ascontiguousarray(embedding, dtype=np.float32)
-        if emb.shape != (1, EMBED_DIM, EMBED_SIZE, EMBED_SIZE):
+        (H, W) — e.g. from another process or the reference model. On the device path the
+        embedding is kept as a device tensor (a copy: engine outputs are reused buffers)."""
+        if self.device is not None:
+            import torch
+
+            emb = (embedding.detach().clone() if isinstance(embedding, torch.Tensor)
+                   else torch.from_numpy(np.array(embedding, np.float32))).to(self.device)
+        else:
+            emb = np.ascontiguousarray(embedding, dtype=np.float32)
+        if tuple(emb.shape) != (1, EMBED_DIM, EMBED_SIZE, EMBED_SIZE):
             raise SamError(f"image embedding must be [1,{EMBED_DIM},{EMBED_SIZE},{EMBED_SIZE}], "
                            f"got {emb.shape}")
         self.embedding = emb
@@ -685,6 +719,8 @@ class SamSegmenter:
         if decoder is None:
             raise SamError("this export has no single-mask decoder; use multimask=True")
         t0 = time.perf_counter()
+        if self.device is not None:
+            return self._predict_device(decoder, coords, labels, masks_in, has_mask)
         lows, ious = [], []
         for s in range(0, n, self.max_batch):
             e = slice(s, s + self.max_batch)
@@ -702,6 +738,38 @@ class SamSegmenter:
         iou = np.concatenate(ious)
         t1 = time.perf_counter()
         result = self.postprocess(low, iou)
+        result.timings = {"decoder_s": t1 - t0, "postprocess_s": time.perf_counter() - t1}
+        return result
+
+    def _predict_device(self, decoder: Engine, coords: np.ndarray, labels: np.ndarray,
+                        masks_in: np.ndarray, has_mask: np.ndarray) -> SamResult:
+        """:meth:`predict` with the embedding, the decoder outputs and the mask upscaling on
+        the device; only the final masks and the small arrays come back."""
+        import torch
+
+        from .gpu import sam_postprocess
+
+        assert self.original_size is not None
+        t0 = time.perf_counter()
+        lows, ious = [], []
+        for s in range(0, coords.shape[0], self.max_batch):
+            e = slice(s, s + self.max_batch)
+            out = decoder.infer_tensors({
+                "image_embeddings": self.embedding, "point_coords": coords[e],
+                "point_labels": labels[e], "mask_input": masks_in[e],
+                "has_mask_input": has_mask[e]})
+            self.decoder_calls += 1
+            lows.append(out["low_res_masks"].float())   # copies: outputs are reused buffers
+            ious.append(out["iou_predictions"].float())
+        low, iou = torch.cat(lows), torch.cat(ious)
+        t1 = time.perf_counter()
+        masks, scores, stab, chosen = sam_postprocess(
+            low, iou, self.transform, self.original_size, self.select, self.mask_threshold,
+            self.stability_offset)
+        result = SamResult(masks=masks, scores=scores.astype(np.float32),
+                           stability=stab.astype(np.float32), chosen=chosen,
+                           low_res_logits=low.cpu().numpy(), iou_predictions=iou.cpu().numpy(),
+                           image_size=self.original_size, frame_id=self.frame_id)
         result.timings = {"decoder_s": t1 - t0, "postprocess_s": time.perf_counter() - t1}
         return result
 

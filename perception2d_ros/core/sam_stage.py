@@ -53,7 +53,11 @@ class SamStage:
         h, w = frame.bgr().shape[:2]
         results = []
         if len(boxes) or extra:
-            self.segmenter.set_image(frame.bgr(), frame_id=frame.stamp_ns)
+            from perception2d_ros.core.gpu import on_device
+
+            keep = on_device(frame.device_bgr, getattr(self.segmenter, "device", None))
+            self.segmenter.set_image(frame.device_bgr if keep else frame.bgr(),
+                                     frame_id=frame.stamp_ns)
             if len(boxes):
                 results.append(self.segmenter.predict(boxes=boxes, multimask=self.multimask,
                                                       frame_id=frame.stamp_ns))

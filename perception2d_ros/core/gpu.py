@@ -1,0 +1,352 @@
+"""Frames that stay on the GPU: upload once, rectify, letterbox, detect (decode + NMS), SAM
+pre/postprocessing — all torch ops on the device, host copies only for what is published.
+
+Used by the pipeline when its models run on the torch backend on a CUDA device
+(``device_frames``: see :func:`perception2d_ros.core.pipeline.build_pipeline`). Every function
+also runs on torch's CPU device, which is how the tests compare it with the numpy path here.
+
+Fidelity to the host path (the reference, bit-exact with the official implementations):
+
+* rectify: ``grid_sample`` at the exact sample positions of the fixed-point cv2 maps; bilinear
+  weights in float instead of cv2's 5-bit fixed point: pixels differ by at most a few levels.
+* letterbox: bilinear resize (half-pixel centres, as ``cv2.INTER_LINEAR``), rounded to uint8
+  like cv2's output, then the same colour order / scale / mean / std and padding.
+* SAM: the image is resized with antialiased bilinear (Pillow's filter; Pillow is the
+  reference) and the masks upscaled with the same per-axis matrices as the host path.
+* detection decode: the same formulas as :class:`YoloDetector`; NMS is torchvision's
+  ``batched_nms`` where torchvision is installed, else the host NMS on the (few) candidates.
+"""
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from typing import Any
+
+import numpy as np
+
+from .detections import Detections
+from .preprocess import LetterboxMeta
+
+
+def torch_device_of(engine: Any) -> str | None:
+    """The torch device an engine runs on (``'cuda'``, ``'cuda:1'``, ``'cpu'``), or None when
+    it is not a torch engine (ORT / TensorRT take host arrays)."""
+    from .engines import TorchEngine
+
+    return engine.device if isinstance(engine, TorchEngine) else None
+
+
+def on_device(tensor: Any, device: str | None) -> bool:
+    """Whether ``tensor`` is a torch tensor on ``device`` ('cuda' matches 'cuda:0')."""
+    if device is None or not hasattr(tensor, "device"):
+        return False
+    import torch
+
+    want, have = torch.device(device), tensor.device
+    if want.type != have.type:
+        return False
+    if want.type == "cuda":
+        cur = torch.cuda.current_device()
+        return (want.index if want.index is not None else cur) == \
+            (have.index if have.index is not None else cur)
+    return True
+
+
+class DeviceFrames:
+    """Upload / rectify / download of frames on one torch device.
+
+    ``upload`` goes through a pinned staging buffer (reused per shape) on CUDA, so the copy is
+    asynchronous and at full PCIe speed; rectify grids are built once per calibration."""
+
+    def __init__(self, device: str = "cuda") -> None:
+        import torch
+
+        self.torch = torch
+        self.device = torch.device(device)
+        self.cuda = self.device.type == "cuda"
+        self._staging: dict[tuple, Any] = {}
+        self._grids: OrderedDict[int, tuple[Any, Any]] = OrderedDict()
+        self._copied: Any = None
+        self._lock = threading.Lock()
+
+    def upload(self, image: np.ndarray) -> Any:
+        """HxW or HxWxC uint8 host image → the same on the device."""
+        torch = self.torch
+        src = torch.from_numpy(np.ascontiguousarray(image))
+        if not self.cuda:
+            return src.clone()
+        key = (tuple(src.shape), src.dtype)
+        with self._lock:
+            buf = self._staging.get(key)
+            if buf is None:
+                buf = self._staging[key] = torch.empty(src.shape, dtype=src.dtype,
+                                                       pin_memory=True)
+            if self._copied is not None:      # the previous async copy may still read it
+                self._copied.synchronize()
+            buf.copy_(src)
+            out = buf.to(self.device, non_blocking=True)
+            self._copied = torch.cuda.Event()
+            self._copied.record()
+        return out
+
+    @staticmethod
+    def download(t: Any) -> np.ndarray:
+        return t.cpu().numpy()
+
+    def _grid(self, camera: Any, dtype: Any) -> Any:
+        import cv2
+
+        key = id(camera)
+        entry = self._grids.get(key)
+        if entry is None or entry[0] is not camera:
+            map1, map2 = camera.rectify_maps()
+            mx, my = cv2.convertMaps(map1, map2, cv2.CV_32FC1)  # the same sample positions
+            h, w = mx.shape
+            grid = np.stack([mx * (2.0 / (w - 1)) - 1.0, my * (2.0 / (h - 1)) - 1.0], -1)
+            entry = (camera, self.torch.from_numpy(grid.astype(np.float32))[None]
+                     .to(self.device))
+            self._grids[key] = entry
+            while len(self._grids) > 8:
+                self._grids.popitem(last=False)
+        return entry[1] if entry[1].dtype == dtype else entry[1].to(dtype)
+
+    def rectify(self, image: Any, camera: Any, interpolation: int = 1) -> Any:
+        """Rectify a device image (HxW or HxWxC uint8) with ``camera``'s maps; pixels that map
+        outside the raw image become 0 (as ``cv2.remap`` with a constant border)."""
+        import torch.nn.functional as F
+
+        if camera.is_identity:
+            return image
+        dtype = self.torch.float16 if self.cuda else self.torch.float32
+        x = image[None, None] if image.dim() == 2 else image.permute(2, 0, 1)[None]
+        mode = "nearest" if interpolation == 0 else "bilinear"
+        y = F.grid_sample(x.to(dtype), self._grid(camera, dtype), mode=mode,
+                          padding_mode="zeros", align_corners=True)
+        y = y.round_().clamp_(0, 255).to(self.torch.uint8)[0]
+        return y[0] if image.dim() == 2 else y.permute(1, 2, 0).contiguous()
+
+
+def to_bgr(image: Any, encoding: str) -> Any | None:
+    """A device HxWx3 BGR view of a device image in ``encoding`` (bgr8 / rgb8 / mono8), or
+    None for encodings converted on the host."""
+    if encoding == "bgr8":
+        return image
+    if encoding == "rgb8":
+        return image.flip(-1)
+    if encoding == "mono8":
+        return image[..., None].expand(*image.shape, 3)
+    return None
+
+
+# --------------------------------------------------------------------------- detection
+class DeviceDetector:
+    """A :class:`YoloDetector` whose engine is a torch engine, run on a device image:
+    letterbox, inference, decode, NMS on the device; only the kept boxes come back."""
+
+    def __init__(self, detector: Any) -> None:
+        import torch
+
+        self.torch = torch
+        self.det = detector
+        self.device = torch.device(torch_device_of(detector.engine) or "cpu")
+        lb = detector.letterbox
+        self.lb = lb
+        mean = lb.mean if lb.mean is not None else np.zeros(3, np.float32)
+        std = lb.std if lb.std is not None else np.ones(3, np.float32)
+        self._mul = torch.from_numpy((float(lb.scale) / std).astype(np.float32)) \
+            .reshape(1, 3, 1, 1).to(self.device)
+        self._add = torch.from_numpy((-mean / std).astype(np.float32)) \
+            .reshape(1, 3, 1, 1).to(self.device)
+        self._grid: Any = None
+        self.timings: dict[str, float] = {}
+        try:
+            import torchvision  # noqa: F401
+            from torchvision.ops import batched_nms
+
+            self._batched_nms = batched_nms
+        except Exception:  # torchvision absent or built for another torch: host NMS
+            self._batched_nms = None
+
+    def letterbox(self, image: Any) -> tuple[Any, LetterboxMeta]:
+        """HxWx3 uint8 BGR device image → ((1, 3, H, W) float32 device tensor, meta)."""
+        import torch.nn.functional as F
+
+        torch = self.torch
+        lb = self.lb
+        meta = lb.geometry(tuple(image.shape[:2]))
+        nh, nw = meta.resized_hw
+        x = image.permute(2, 0, 1)[None].float()
+        if (nh, nw) != tuple(image.shape[:2]):
+            x = F.interpolate(x, size=(nh, nw), mode="bilinear", align_corners=False)
+            x = x.round_().clamp_(0, 255)   # cv2.resize writes uint8
+        if lb.color == "rgb":
+            x = x.flip(1)
+        h, w = lb.size
+        out = torch.full((1, 3, h, w), float(lb.pad_value), dtype=torch.float32,
+                         device=image.device)
+        y0, x0 = int(meta.pad_y), int(meta.pad_x)
+        out[:, :, y0:y0 + nh, x0:x0 + nw] = x
+        return out.mul_(self._mul).add_(self._add), meta
+
+    def _yolox_grid(self, rows: int) -> Any:
+        if self._grid is None or self._grid.shape[0] != rows:
+            self._grid = self.torch.from_numpy(self.det._yolox_grid(rows).astype(np.float32)) \
+                .to(self.device)
+        return self._grid
+
+    def decode(self, pred: Any) -> tuple[Any, Any, Any]:
+        """Device raw output of one image → device (xyxy network px, scores, classes) above
+        ``conf``, as :meth:`YoloDetector.decode`."""
+        torch = self.torch
+        det = self.det
+        pred = pred[0].float() if pred.dim() == 3 else pred.float()
+        if det.format in ("yolox", "yolov5"):
+            obj = pred[:, 4]
+            cls_scores = pred[:, 5:] * obj[:, None]
+            if det.format == "yolox":
+                g = self._yolox_grid(pred.shape[0])
+                xy = (pred[:, :2] + g[:, :2]) * g[:, 2:]
+                wh = torch.exp(pred[:, 2:4]) * g[:, 2:]
+            else:
+                xy, wh = pred[:, :2], pred[:, 2:4]
+        elif det.format == "yolov8":
+            nc = det.num_classes or 0
+            if pred.shape[0] != 4 + nc and pred.shape[1] == 4 + nc:
+                pred = pred.T
+            xy, wh = pred[:2].T, pred[2:4].T
+            cls_scores = pred[4:].T
+        else:  # end-to-end (v10): x1, y1, x2, y2, score, class
+            m = pred[:, 4] > det.conf
+            sel = pred[m]
+            return sel[:, :4], sel[:, 4], sel[:, 5].round().long()
+        boxes = torch.cat([xy - wh / 2, xy + wh / 2], 1)
+        if det.multi_label:
+            i, j = torch.nonzero(cls_scores > det.conf, as_tuple=True)
+            boxes, scores, cls = boxes[i], cls_scores[i, j], j
+        else:
+            scores, cls = cls_scores.max(1)
+            m = scores > det.conf
+            boxes, scores, cls = boxes[m], scores[m], cls[m]
+        if det.class_allow is not None and cls.numel():
+            allow = torch.from_numpy(det.class_allow).to(cls.device)
+            m = torch.isin(cls, allow)
+            boxes, scores, cls = boxes[m], scores[m], cls[m]
+        if scores.shape[0] > det.max_candidates:
+            top = torch.topk(scores, det.max_candidates).indices
+            boxes, scores, cls = boxes[top], scores[top], cls[top]
+        return boxes, scores, cls
+
+    def detect(self, image: Any) -> Detections:
+        """Detections (host arrays, source pixels of ``image``) of a device BGR image."""
+        import time
+
+        from .nms import nms
+        from .preprocess import clip_boxes
+
+        det = self.det
+        t0 = time.perf_counter()
+        tensor, meta = self.letterbox(image)
+        t1 = time.perf_counter()
+        outs = det.engine.infer_tensors({det.input_name: tensor})
+        pred = next(iter(outs.values()))
+        t2 = time.perf_counter()
+        boxes, scores, cls = self.decode(pred)
+        if boxes.shape[0]:
+            scale = float(meta.scale)
+            pad = self.torch.tensor([meta.pad_x, meta.pad_y] * 2, dtype=boxes.dtype,
+                                    device=boxes.device)
+            boxes = (boxes - pad) / scale
+            if det.format == "yolov10" and not det.end2end_nms:
+                keep = self.torch.argsort(-scores, stable=True)[: det.max_det]
+            elif self._batched_nms is not None and det.nms_box_offset == 0:
+                keep = self._batched_nms(boxes, scores,
+                                         self.torch.zeros_like(cls) if det.agnostic else cls,
+                                         det.iou)[: det.max_det]
+            else:
+                keep = None
+            if keep is not None:
+                b, s, c = (boxes[keep].cpu().numpy(), scores[keep].cpu().numpy(),
+                           cls[keep].cpu().numpy().astype(np.int64))
+            else:
+                b, s = boxes.cpu().numpy(), scores.cpu().numpy()
+                c = cls.cpu().numpy().astype(np.int64)
+                k = nms(b, s, det.iou, class_ids=None if det.agnostic else c,
+                        max_det=det.max_det, box_offset=det.nms_box_offset)
+                b, s, c = b[k], s[k], c[k]
+            b = np.ascontiguousarray(b, np.float32)
+            clip_boxes(b, meta.src_hw)
+        else:
+            b, s, c = np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros(0, np.int64)
+        dets = Detections.from_arrays(b, s.astype(np.float32), c, det.class_names)
+        t3 = time.perf_counter()
+        self.timings = {"preprocess": (t1 - t0) * 1e3, "infer": (t2 - t1) * 1e3,
+                        "postprocess": (t3 - t2) * 1e3}
+        det.timings = self.timings
+        return dets
+
+
+# --------------------------------------------------------------------------- SAM
+def sam_preprocess(image: Any, transform: Any, image_format: str = "BGR") -> Any:
+    """HxWx3 uint8 device image → encoder input [1,3,S,S] float32 on the device: resized
+    (longest side S, antialiased bilinear, rounded to uint8 as Pillow does), normalised,
+    zero-padded bottom-right."""
+    import torch
+    import torch.nn.functional as F
+
+    h, w = int(image.shape[0]), int(image.shape[1])
+    nh, nw = transform.input_size((h, w))
+    x = image.permute(2, 0, 1)[None].float()
+    if image_format == "BGR":
+        x = x.flip(1)
+    if (nh, nw) != (h, w):
+        x = F.interpolate(x, size=(nh, nw), mode="bilinear", align_corners=False,
+                          antialias=True).round_().clamp_(0, 255)
+    mean = torch.as_tensor(transform.pixel_mean, device=x.device).reshape(1, 3, 1, 1)
+    std = torch.as_tensor(transform.pixel_std, device=x.device).reshape(1, 3, 1, 1)
+    s = transform.target_length
+    out = torch.zeros((1, 3, s, s), dtype=torch.float32, device=x.device)
+    out[:, :, :nh, :nw] = (x - mean) / std
+    return out
+
+
+def sam_postprocess(low_res: Any, iou: Any, transform: Any, original_size: tuple[int, int],
+                    select: str, mask_threshold: float, offset: float
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Device decoder outputs → host (masks [N,H,W] bool, scores, stability, chosen), the
+    same selection and upscaling as :meth:`SamSegmenter.postprocess` (per-axis matrices)."""
+    import torch
+
+    low = low_res.float()
+    iou = iou.float()
+    n, k = low.shape[:2]
+    cache = transform.__dict__.setdefault("_pp_device", {})
+    key = (tuple(original_size), low.shape[-1], str(low.device))
+    if key not in cache:
+        ay, ax = transform.postprocess_matrices(original_size, low.shape[-1])
+        if len(cache) > 8:
+            cache.clear()
+        cache[key] = (torch.from_numpy(ay).to(low.device), torch.from_numpy(ax).to(low.device))
+    ay, ax = cache[key]
+
+    def upscale(x: Any) -> Any:
+        return torch.matmul(torch.matmul(ay, x), ax.T)
+
+    def stability(logits: Any) -> Any:
+        inter = (logits > mask_threshold + offset).sum((-1, -2)).double()
+        union = (logits > mask_threshold - offset).sum((-1, -2)).double()
+        return (inter / union).float()
+
+    idx = torch.arange(n, device=low.device)
+    if select == "stability" and k > 1:
+        logits_all = upscale(low)
+        stab_all = stability(logits_all)
+        chosen = torch.nan_to_num(stab_all, nan=-1.0).argmax(1)
+        logits = logits_all[idx, chosen]
+        stab = stab_all[idx, chosen]
+    else:
+        chosen = iou.argmax(1) if k > 1 else torch.zeros(n, dtype=torch.long,
+                                                          device=low.device)
+        logits = upscale(low[idx, chosen])
+        stab = stability(logits)
+    return ((logits > mask_threshold).cpu().numpy(), iou[idx, chosen].cpu().numpy(),
+            stab.cpu().numpy(), chosen.cpu().numpy().astype(np.int64))
