@@ -432,7 +432,7 @@ class TorchEngine(Engine):
     the frame on the GPU."""
 
     backend = "torch"
-    MAX_GRAPHS = 8
+    MAX_GRAPHS = 16
 
     def __init__(self, module: Any, input_specs: Sequence[TensorSpec],
                  output_names: Sequence[str], *, device: str = "auto",

@@ -754,13 +754,13 @@ class SamSegmenter:
         lows, ious = [], []
         for s in range(0, coords.shape[0], self.max_batch):
             e = slice(s, s + self.max_batch)
-            out = decoder.infer_tensors({
-                "image_embeddings": self.embedding, "point_coords": coords[e],
-                "point_labels": labels[e], "mask_input": masks_in[e],
-                "has_mask_input": has_mask[e]})
+            feeds = _pad_prompts(coords[e], labels[e], masks_in[e], has_mask[e])
+            m = min(coords.shape[0] - s, self.max_batch)
+            out = decoder.infer_tensors({"image_embeddings": self.embedding, **feeds})
             self.decoder_calls += 1
-            lows.append(out["low_res_masks"].float())   # copies: outputs are reused buffers
-            ious.append(out["iou_predictions"].float())
+            # copies (outputs are reused buffers), without the padding prompts
+            lows.append(out["low_res_masks"][:m].float())
+            ious.append(out["iou_predictions"][:m].float())
         low, iou = torch.cat(lows), torch.cat(ious)
         t1 = time.perf_counter()
         masks, scores, stab, chosen = sam_postprocess(
@@ -800,6 +800,26 @@ class SamSegmenter:
             image_size=self.original_size,
             frame_id=self.frame_id,
         )
+
+
+def _pad_prompts(coords: np.ndarray, labels: np.ndarray, masks_in: np.ndarray,
+                 has_mask: np.ndarray) -> dict[str, np.ndarray]:
+    """Decoder feeds with the prompt count rounded up to a power of two by padding prompts
+    (all points label -1, no mask): the device path captures one CUDA graph per count, so
+    counts 1..32 need 6 graphs instead of 32. Prompts are independent in the decoder, so the
+    padding changes nothing in the real prompts' outputs."""
+    n = coords.shape[0]
+    size = 1 << max(0, (n - 1).bit_length())
+    if size == n:
+        return {"point_coords": coords, "point_labels": labels, "mask_input": masks_in,
+                "has_mask_input": has_mask}
+    extra = size - n
+
+    def pad(a: np.ndarray, value: float) -> np.ndarray:
+        return np.concatenate([a, np.full((extra,) + a.shape[1:], value, a.dtype)])
+
+    return {"point_coords": pad(coords, 0.0), "point_labels": pad(labels, -1.0),
+            "mask_input": pad(masks_in, 0.0), "has_mask_input": pad(has_mask, 0.0)}
 
 
 # --------------------------------------------------------------------------- evaluation
