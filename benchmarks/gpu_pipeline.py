@@ -182,9 +182,36 @@ class Run:
             sync()
             return f
 
+        parts: dict[str, list[float]] = {}
+
+        def timed(obj: Any, attr: str, key: str) -> None:
+            """Time a method (synchronised): the per-part breakdown of a stage."""
+            fn = getattr(obj, attr)
+
+            def wrapper(*a: Any, **k: Any) -> Any:
+                sync()
+                t = time.perf_counter()
+                r = fn(*a, **k)
+                sync()
+                parts.setdefault(key, []).append(time.perf_counter() - t)
+                return r
+            setattr(obj, attr, wrapper)
+
+        import perception2d_ros.core.sam_stage as sam_stage_mod
+
+        for st in pipe.stages:
+            if st.name == "sam":
+                timed(st.segmenter, "set_image", "sam.set_image")
+                timed(st.segmenter, "predict", "sam.predict")
+                timed(sam_stage_mod, "combine", "sam.combine")
+            if st.name == "clip":
+                timed(st.labeler, "preprocess", "clip.preprocess")
+                timed(st.labeler, "infer", "clip.infer")
+                timed(st.labeler, "postprocess", "clip.postprocess")
         for i in range(len(imgs) if self.args.quick else 2 * len(imgs)):  # warm-up: every image
             run(i)
         n = frames or self.args.frames
+        parts.clear()
         # flat out
         totals, stages, dets, masks = [], {}, [], []
         for i in range(n // 2):
@@ -226,6 +253,8 @@ class Run:
             "stages_p50_ms": {k: pct(v, 50) for k, v in stages.items()},
             "stages_p95_ms": {k: pct(v, 95) for k, v in stages.items()},
             "detections_per_frame": round(float(np.mean(dets)), 2) if dets else 0,
+            "parts_p50_ms": {k: pct(v, 50) for k, v in parts.items()},
+            "parts_p95_ms": {k: pct(v, 95) for k, v in parts.items()},
         }
         if masks:
             res["masks_per_frame"] = round(float(np.mean(masks)), 2)
@@ -373,6 +402,8 @@ def main(argv: list[str] | None = None) -> int:
     r.section("rectify+detect host frames", lambda: r.pipeline("rectify+detect",
                                                                device_frames="off"))
     r.section("+sam_vit_t+clip", lambda: r.pipeline("+sam_vit_t+clip"))
+    r.section("+sam_vit_t+clip host frames", lambda: r.pipeline("+sam_vit_t+clip",
+                                                                device_frames="off"))
     if not args.quick:
         r.section("+sam_vit_b+clip", lambda: r.pipeline("+sam_vit_b+clip"))
     r.section("floors", r.floors)

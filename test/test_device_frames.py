@@ -118,3 +118,47 @@ def test_device_frames_on_cuda_match_the_host_pipeline(data_dir: Path, models_di
     assert dev.stages[1].device_detector is not None   # auto: on for CUDA
     host = _pipeline(models_dir, "off", backend="onnxruntime", device="cpu")
     _compare(dev, host, _frames(data_dir, (1280, 720)), px=3.0, min_match=0.8)
+
+
+def test_device_clip_crops_equal_the_host_crops(data_dir: Path) -> None:
+    """CLIP crops cut and resized on the device (antialiased bicubic in float) vs the host's
+    Pillow-exact crops: the same squares and frame-border fill; pixels within a few levels."""
+    from perception2d_ros.core.clip.preprocess import (MEAN_RGB_U8, OPENAI_MEAN, OPENAI_STD,
+                                                       preprocess_bgr, preprocess_crops_bgr)
+    from perception2d_ros.core.gpu import clip_preprocess
+
+    img = cv2.imread(str(data_dir / "coco" / "images" / IMAGES[0]))
+    h, w = img.shape[:2]
+    boxes = np.array([[10.0, 20.0, 200.0, 180.0], [w - 60.0, h - 300.0, w - 1.0, h - 1.0],
+                      [0.0, 0.0, w - 1.0, h - 1.0], [300.0, 100.0, 330.0, 400.0]])
+    t = torch.from_numpy(img)
+    for b in (boxes, None):
+        ours = clip_preprocess(t, b, 224, 0.1, OPENAI_MEAN, OPENAI_STD, MEAN_RGB_U8).numpy()
+        ref = preprocess_crops_bgr(img, b, 224, 0.1) if b is not None \
+            else preprocess_bgr(img, 224)[None]
+        assert ours.shape == ref.shape
+        level = 1 / 255 / min(OPENAI_STD)            # one grey level, normalised
+        diff = np.abs(ours - ref)
+        assert diff.mean() < 0.5 * level and diff.max() <= 8 * level, \
+            (diff.mean() / level, diff.max() / level)
+
+
+def test_device_mask_combination_equals_the_host_one() -> None:
+    """Instance-id image (overlaps: higher score wins, ties: lower index, NaN lowest), areas
+    and mask boxes computed on the device equal the host functions exactly."""
+    from perception2d_ros.core.gpu import combine_masks
+    from perception2d_ros.core.sam import SamResult, instance_id_image, mask_bboxes
+
+    rng = np.random.default_rng(3)
+    h, w, n = 60, 90, 7
+    masks = np.zeros((n, h, w), bool)
+    for i in range(n - 1):                       # overlapping rectangles; the last is empty
+        y, x = rng.integers(0, h - 10), rng.integers(0, w - 10)
+        masks[i, y:y + rng.integers(5, 40), x:x + rng.integers(5, 60)] = True
+    scores = np.array([0.5, 0.9, 0.5, np.nan, 0.2, 0.9, 0.1], np.float32)
+    res = SamResult(masks, scores, scores, np.zeros(n, np.int64),
+                    np.zeros((n, 1, 4, 4), np.float32), np.zeros((n, 1), np.float32), (h, w))
+    ids, areas, boxes = combine_masks(torch.from_numpy(masks), scores)
+    assert ids.dtype == np.uint16 and np.array_equal(ids, instance_id_image(res))
+    assert np.array_equal(areas, res.areas)
+    assert np.array_equal(boxes, mask_bboxes(masks)) and boxes.dtype == np.int32

@@ -191,3 +191,34 @@ def test_device_path_matches_host_path(mobile, coco):
         np.testing.assert_allclose(a.stability, b.stability, atol=1e-3)
     host.close()
     dev.close()
+
+
+def test_sam_stage_on_device_frames_matches_host_stage(mobile, coco):
+    """The SAM stage fed a frame kept on the device (``frame.device_bgr``): encoder input,
+    masks and the instance-id image made there; against the host stage on the same boxes."""
+    import torch
+
+    from perception2d_ros.core.detections import Detections
+    from perception2d_ros.core.pipeline import Frame
+    from perception2d_ros.core.sam_stage import SamStage
+
+    _, files, _, _ = mobile
+    host = SamStage(sam.SamSegmenter.from_exported(files, CPU))
+    dev = SamStage(sam.SamSegmenter.from_exported(
+        files, EngineConfig(backend="torch", device="cpu", fallback=False),
+        device_tensors=True))
+    name = PARITY_IMAGES[0]
+    image = cv2.imread(str(COCO_DIR / "images" / name))
+    boxes = _prompts(coco, name)[0].astype(np.float32)
+    det = Detections.from_arrays(boxes, np.full(len(boxes), 0.9, np.float32),
+                                 np.zeros(len(boxes), np.int64), ["thing"])
+    fh = Frame(image, "bgr8", 1, "cam", detections=det)
+    fd = Frame(image, "bgr8", 1, "cam", detections=det, device_bgr=torch.from_numpy(image))
+    host.process(fh)
+    dev.process(fd)
+    a, b = fd.masks, fh.masks
+    assert a.instance_ids.dtype == np.uint16 and a.instance_ids.shape == image.shape[:2]
+    for i in range(len(boxes)):
+        assert sam.mask_iou(a.instance_ids == i + 1, b.instance_ids == i + 1) >= 0.95
+    np.testing.assert_allclose(a.areas, b.areas, rtol=0.05)
+    assert np.abs(a.bboxes - b.bboxes).max() <= 4

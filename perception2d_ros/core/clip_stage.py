@@ -47,7 +47,11 @@ class ClipStage:
 
     def process(self, frame: Any) -> None:
         t0 = time.perf_counter()
-        image = frame.bgr()
+        from perception2d_ros.core.gpu import on_device
+
+        # frames kept on the models' device: crop and resize there (no host round trip)
+        image = frame.device_bgr if on_device(frame.device_bgr, self.labeler.device) \
+            else frame.bgr()
         det = frame.detections
         boxes = np.asarray(det.xyxy, np.float64).reshape(-1, 4) if det is not None \
             else np.zeros((0, 4))
@@ -64,7 +68,13 @@ class ClipStage:
         frame_top: list[tuple[str, float]] = []
         version, phrases = None, ()
         if parts:
-            emb = self.labeler.infer(np.concatenate(parts))["image_embeds"]  # one call
+            if isinstance(parts[0], np.ndarray):
+                batch = np.concatenate(parts)
+            else:
+                import torch
+
+                batch = torch.cat(parts)
+            emb = self.labeler.infer(batch)["image_embeds"]  # one call
             start = 0
             for meta, x in zip(metas, parts):
                 res = self.labeler.postprocess({"image_embeds": emb[start:start + len(x)]},

@@ -117,7 +117,8 @@ class DeviceFrames:
 
         if camera.is_identity:
             return image
-        dtype = self.torch.float16 if self.cuda else self.torch.float32
+        # float32 sample positions: in fp16 a 1280-px grid is off by up to 0.3 px
+        dtype = self.torch.float32
         x = image[None, None] if image.dim() == 2 else image.permute(2, 0, 1)[None]
         mode = "nearest" if interpolation == 0 else "bilinear"
         y = F.grid_sample(x.to(dtype), self._grid(camera, dtype), mode=mode,
@@ -348,5 +349,81 @@ def sam_postprocess(low_res: Any, iou: Any, transform: Any, original_size: tuple
                                                           device=low.device)
         logits = upscale(low[idx, chosen])
         stab = stability(logits)
-    return ((logits > mask_threshold).cpu().numpy(), iou[idx, chosen].cpu().numpy(),
-            stab.cpu().numpy(), chosen.cpu().numpy().astype(np.int64))
+    masks = logits > mask_threshold
+    return (masks, iou[idx, chosen].cpu().numpy(), stab.cpu().numpy(),
+            chosen.cpu().numpy().astype(np.int64))
+
+
+def combine_masks(masks: Any, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Device [N,H,W] bool masks → host (uint16 instance-id image, areas int64, bboxes int32
+    xyxy), as :func:`sam.instance_id_image` / ``SamResult.areas`` / :func:`sam.mask_bboxes`
+    (higher score wins overlaps, ties: lower index; only the id image comes back)."""
+    import torch
+
+    n, h, w = masks.shape
+    ids = torch.zeros((h, w), dtype=torch.int32, device=masks.device)
+    s = np.where(np.isnan(scores), -np.inf, np.asarray(scores, np.float64))
+    for i in np.lexsort((-np.arange(n), s)):
+        ids.masked_fill_(masks[int(i)], int(i) + 1)
+    areas = masks.reshape(n, -1).sum(1)
+    rows, cols = masks.any(2), masks.any(1)
+    ar_h = torch.arange(h, device=masks.device)
+    ar_w = torch.arange(w, device=masks.device)
+    big = torch.iinfo(torch.int64).max
+    y0 = torch.where(rows, ar_h, big).amin(1)
+    y1 = torch.where(rows, ar_h, -1).amax(1) + 1
+    x0 = torch.where(cols, ar_w, big).amin(1)
+    x1 = torch.where(cols, ar_w, -1).amax(1) + 1
+    boxes = torch.stack([x0, y0, x1, y1], 1)
+    boxes = torch.where((areas > 0)[:, None], boxes, 0)
+    return (ids.cpu().numpy().astype(np.uint16), areas.cpu().numpy().astype(np.int64),
+            boxes.cpu().numpy().astype(np.int32))
+
+
+# --------------------------------------------------------------------------- CLIP
+def clip_preprocess(image: Any, boxes: Any, size: int, padding: float,
+                    mean: Any, std: Any, fill: Any) -> Any:
+    """CLIP inputs [N,3,S,S] float32 on the device from an HxWx3 uint8 BGR device image:
+    one square crop per box (:func:`clip.preprocess.square_box`, out-of-frame parts =
+    ``fill``), or the whole frame when ``boxes`` is None (shortest side to S, centre crop);
+    antialiased bicubic (a = -0.5, Pillow's filter) rounded to uint8, then
+    ``(x / 255 - mean) / std``."""
+    import torch
+    import torch.nn.functional as F
+
+    from .clip.preprocess import shortest_side_size, square_box
+
+    h, w = int(image.shape[0]), int(image.shape[1])
+    rgb = image.flip(-1).permute(2, 0, 1).float()          # 3,H,W RGB
+    mean_t = torch.as_tensor(mean, dtype=torch.float32, device=image.device).reshape(1, 3, 1, 1)
+    std_t = torch.as_tensor(std, dtype=torch.float32, device=image.device).reshape(1, 3, 1, 1)
+
+    def resize(x: Any, hw: tuple[int, int]) -> Any:
+        if tuple(x.shape[-2:]) == hw:
+            return x
+        return F.interpolate(x, size=hw, mode="bicubic", align_corners=False,
+                             antialias=True).round_().clamp_(0, 255)
+
+    if boxes is None:
+        nh, nw = shortest_side_size(h, w, size)
+        x = resize(rgb[None], (nh, nw))
+        top, left = int(round((nh - size) / 2.0)), int(round((nw - size) / 2.0))
+        out = x[:, :, top:top + size, left:left + size]
+    else:
+        fill_t = torch.as_tensor(fill, dtype=torch.float32, device=image.device).reshape(3, 1, 1)
+        crops = []
+        for box in np.asarray(boxes, np.float64).reshape(-1, 4):
+            x0, y0, x1, y1 = square_box(box, padding, (h, w))
+            s = x1 - x0
+            sx0, sy0, sx1, sy1 = max(x0, 0), max(y0, 0), min(x1, w), min(y1, h)
+            if (sx0, sy0, sx1, sy1) == (x0, y0, x1, y1):
+                crop = rgb[:, y0:y1, x0:x1]
+            else:
+                crop = fill_t.expand(3, s, s).clone()
+                if sx1 > sx0 and sy1 > sy0:
+                    crop[:, sy0 - y0:sy1 - y0, sx0 - x0:sx1 - x0] = rgb[:, sy0:sy1, sx0:sx1]
+            crops.append(resize(crop[None], (size, size)))
+        if not crops:
+            return torch.zeros((0, 3, size, size), dtype=torch.float32, device=image.device)
+        out = torch.cat(crops)
+    return (out / 255.0 - mean_t) / std_t

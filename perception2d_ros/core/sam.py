@@ -766,11 +766,12 @@ class SamSegmenter:
         masks, scores, stab, chosen = sam_postprocess(
             low, iou, self.transform, self.original_size, self.select, self.mask_threshold,
             self.stability_offset)
-        result = SamResult(masks=masks, scores=scores.astype(np.float32),
+        result = SamResult(masks=masks.cpu().numpy(), scores=scores.astype(np.float32),
                            stability=stab.astype(np.float32), chosen=chosen,
                            low_res_logits=low.cpu().numpy(), iou_predictions=iou.cpu().numpy(),
                            image_size=self.original_size, frame_id=self.frame_id)
         result.timings = {"decoder_s": t1 - t0, "postprocess_s": time.perf_counter() - t1}
+        result.device_masks = masks   # the same masks on the device (core.gpu.combine_masks)
         return result
 
     def postprocess(self, low_res: np.ndarray, iou_predictions: np.ndarray) -> SamResult:

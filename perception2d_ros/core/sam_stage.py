@@ -79,10 +79,20 @@ def combine(results: list[Any], hw: tuple[int, int], n_det: int, min_score: floa
         z = np.zeros(0, np.float32)
         return MaskFrameResult(np.zeros(hw, np.uint16), z, z, np.zeros(0, np.int64),
                                np.zeros((0, 4), np.int32), n_det)
-    masks = np.concatenate([r.masks for r in results])
     scores = np.concatenate([r.scores for r in results]).astype(np.float32)
     stability = np.concatenate([r.stability for r in results]).astype(np.float32)
     keep = scores >= min_score
+    if all(getattr(r, "device_masks", None) is not None for r in results):
+        # masks on the device (frames kept there): paint and measure there, copy the id image
+        import torch
+
+        from perception2d_ros.core.gpu import combine_masks
+
+        dm = torch.cat([r.device_masks for r in results])
+        dm = dm & torch.from_numpy(keep).to(dm.device)[:, None, None]
+        ids, areas, bboxes = combine_masks(dm, scores)
+        return MaskFrameResult(ids, scores, stability, areas, bboxes, n_det)
+    masks = np.concatenate([r.masks for r in results])
     masks = masks & keep[:, None, None]
 
     from perception2d_ros.core.sam import SamResult, instance_id_image

@@ -157,17 +157,38 @@ class ClipLabeler:
         return entry
 
     # ------------------------------------------------------------------ wrapper stages
-    def preprocess(self, image_bgr: np.ndarray,
+    @property
+    def device(self) -> str | None:
+        """The torch device the image tower runs on (None: ORT / TensorRT, host arrays)."""
+        from perception2d_ros.core.gpu import torch_device_of
+
+        return torch_device_of(self.image_engine)
+
+    def preprocess(self, image_bgr: Any,
                    boxes_xyxy: np.ndarray | Sequence | None = None,
-                   padding: float | None = None) -> tuple[np.ndarray, dict[str, Any]]:
-        """``(float32 [N,3,S,S], meta)``: the whole image (N=1) or one square crop per box."""
+                   padding: float | None = None) -> tuple[Any, dict[str, Any]]:
+        """``(float32 [N,3,S,S], meta)``: the whole image (N=1) or one square crop per box.
+        A torch tensor image (HxWx3 uint8 BGR on :attr:`device`) is cropped and resized on
+        its device (``core.gpu.clip_preprocess``) and gives a device tensor."""
         if self.vocabulary is None:
             raise RuntimeError("no vocabulary: call set_vocabulary() first")
         pad = self.padding if padding is None else float(padding)
         version, phrases, text = self._text_matrix(self.vocabulary)
         meta: dict[str, Any] = {"version": version, "phrases": phrases, "text": text,
                                 "boxes": None, "crop_boxes": None}
-        if boxes_xyxy is None:
+        on_device = not isinstance(image_bgr, np.ndarray) and hasattr(image_bgr, "device")
+        if on_device:
+            from perception2d_ros.core.clip.preprocess import MEAN_RGB_U8
+            from perception2d_ros.core.gpu import clip_preprocess
+
+            if boxes_xyxy is not None:
+                boxes = np.asarray(boxes_xyxy, np.float64).reshape(-1, 4)
+                h, w = int(image_bgr.shape[0]), int(image_bgr.shape[1])
+                meta["boxes"] = [tuple(float(v) for v in b) for b in boxes]
+                meta["crop_boxes"] = [square_box(b, pad, (h, w)) for b in boxes]
+            x = clip_preprocess(image_bgr, None if boxes_xyxy is None else boxes_xyxy,
+                                self.image_size, pad, self.mean, self.std, MEAN_RGB_U8)
+        elif boxes_xyxy is None:
             x = preprocess_bgr(image_bgr, self.image_size, self.mean, self.std)[None]
         else:
             boxes = np.asarray(boxes_xyxy, np.float64).reshape(-1, 4)
@@ -182,6 +203,11 @@ class ClipLabeler:
         """Image tower over a batch, chunked at ``max_batch``: ``{"image_embeds": [N,D]}``."""
         if len(x) == 0:
             return {"image_embeds": np.zeros((0, int(self.meta["embed_dim"])), np.float32)}
+        if not isinstance(x, np.ndarray) and hasattr(x, "device"):  # a device tensor
+            outs = [self.image_engine.infer_tensors({"image": x[i:i + self.max_batch]})
+                    ["image_embeds"].float().cpu().numpy()
+                    for i in range(0, len(x), self.max_batch)]
+            return {"image_embeds": np.concatenate(outs)}
         outs = [self.image_engine.infer({"image": np.ascontiguousarray(x[i:i + self.max_batch])})
                 ["image_embeds"] for i in range(0, len(x), self.max_batch)]
         return {"image_embeds": np.concatenate(outs).astype(np.float32)}
