@@ -107,16 +107,26 @@ def test_ort_engine_missing_file(tmp_path: Path) -> None:
 
 def test_auto_selects_onnxruntime_and_logs_why(small_model: tuple[Any, Path],
                                                caplog: pytest.LogCaptureFixture) -> None:
+    """auto: ONNX Runtime on a machine without a GPU; with a CUDA GPU that only torch can
+    use (ORT a CPU build, no TensorRT), torch runs the graph on the GPU — logged either way."""
     if TRT_OK:
         pytest.skip(f"this machine has TensorRT ({TRT_WHY}); auto would pick it")
+    import onnxruntime as ort
+
+    gpu_torch = CUDA_OK and not ({"CUDAExecutionProvider", "TensorrtExecutionProvider"}
+                                 & set(ort.get_available_providers()))
     with caplog.at_level(logging.INFO, logger="perception2d.engines"):
         engine = create_engine(small_model[1], EngineConfig(backend="auto", threads=1))
-    assert engine.backend == "onnxruntime"
     chosen = [r.getMessage() for r in caplog.records if "chosen" in r.getMessage()]
     assert len(chosen) == 1, caplog.text
     msg = chosen[0]
-    assert "onnxruntime chosen" in msg and "CPUExecutionProvider" in msg
     assert "tensorrt" in msg and TRT_WHY in msg, f"the log must say why TensorRT was skipped: {msg}"
+    if gpu_torch:
+        assert engine.backend == "torch" and engine.device == "cuda"
+        assert "torch chosen (ONNX Runtime has no GPU provider; CUDA GPU" in msg
+    else:
+        assert engine.backend == "onnxruntime"
+        assert "onnxruntime chosen" in msg and "CPUExecutionProvider" in msg
     assert available_backends()["onnxruntime"][0]
 
 

@@ -70,7 +70,8 @@ def test_host_part_is_computed_once_per_shape(tmp_path: Path) -> None:
         "x", TensorProto.FLOAT, ["n", 3, 4])], [helper.make_tensor_value_info(
             "y", TensorProto.FLOAT, ["n", 12])], inits)
     path = tmp_path / "g.onnx"
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)],
+                                ir_version=8), path)   # IR 8: every ORT >= 1.10 reads it
     eng = create_engine(path, TORCH_CPU)
     ref = create_engine(path, ORT)
     rng = np.random.default_rng(0)
@@ -92,7 +93,8 @@ def test_unsupported_op_is_named_at_build_and_falls_back(tmp_path: Path) -> None
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 2])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [])])
     path = tmp_path / "det.onnx"
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)],
+                                ir_version=8), path)   # IR 8: every ORT >= 1.10 reads it
     with pytest.raises(EngineError, match=r"unsupported ONNX ops \['Det'\]"):
         create_engine(path, TORCH_CPU)
     # with fallback (the default) the next backend runs it
@@ -109,15 +111,24 @@ def test_supported_ops_cover_every_shipped_graph(models_dir: Path) -> None:
 
 
 @pytest.mark.skipif(not CUDA_OK, reason=f"no CUDA for torch here: {CUDA_WHY}")
-@pytest.mark.parametrize("precision,px", [("fp32", 0.05), ("fp16", 1.5)])
+@pytest.mark.parametrize("precision,px", [("fp32", 0.5), ("fp16", 2.0)])
 def test_yolox_nano_on_cuda_graph_matches_onnxruntime(data_dir: Path, models_dir: Path,
                                                       precision: str, px: float) -> None:
+    """On CUDA (TF32 convolutions in fp32; fp16) with a CUDA graph: every confident ORT box
+    (score 0.05 above the threshold) is found with the same class within ``px``. Order is not
+    compared: near-equal scores may swap."""
     ref = YoloDetector.from_model("yolox_nano", ORT, models_dir=models_dir)
     ours = YoloDetector.from_model(
         "yolox_nano", EngineConfig(backend="torch", device="cuda", precision=precision,
                                    fallback=False), models_dir=models_dir)
+    checked = 0
     for img in _images(data_dir, 6):
         a, b = ours.detect(img), ref.detect(img)
         assert ours.engine.cuda_graph, "the fixed-shape detector must run as a CUDA graph"
-        n = min(len(a), len(b), 3)   # the most confident boxes agree within the precision
-        np.testing.assert_allclose(a.xyxy[:n], b.xyxy[:n], atol=px)
+        for box, cls, score in zip(b.xyxy, b.class_ids, b.scores):
+            if score < ref.conf + 0.05:
+                continue
+            d = np.abs(a.xyxy - box).max(axis=1) if len(a) else np.array([np.inf])
+            assert ((d <= px) & (a.class_ids == cls)).any(), (box, cls, a.xyxy, a.class_ids)
+            checked += 1
+    assert checked >= 5
