@@ -2,7 +2,8 @@
 
 Everything runs in this one process: a player thread publishes ``/bench/image_raw`` +
 ``/bench/camera_info`` (best effort, as a camera driver does), the nodes are the real
-``PerceptionNode`` lifecycle nodes spun by a multi-threaded executor, and a collector node
+``PerceptionNode`` lifecycle nodes spun by their own executor (single-threaded,
+``perception_node.make_executor``), and a collector node
 subscribes to the outputs. Frames come from a bag (``--bag``: its first Image topic and the
 CameraInfo topic next to it) or, without one, from the real COCO test images resized to
 ``--size`` with the real ``camerav1`` calibration.
@@ -93,20 +94,19 @@ class _Graph:
                  models_dir: str | None, slow_ms: float = 0.0, reliable: bool = False) -> None:
         import rclpy
         from rclpy.context import Context
-        from rclpy.executors import MultiThreadedExecutor
         from rclpy.parameter import Parameter
         from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
         from sensor_msgs.msg import CameraInfo, Image
         from vision_msgs.msg import Detection2DArray
 
-        from perception2d_ros.ros.perception_node import RESULTS, PerceptionNode
+        from perception2d_ros.ros.perception_node import RESULTS, PerceptionNode, make_executor
 
         if mode not in ("pipeline", "nodes"):
             raise ValueError(f"--mode must be pipeline or nodes; got {mode!r}")
         self.mode = mode
         self.ctx = Context()
         rclpy.init(args=[], context=self.ctx)
-        self.executor = MultiThreadedExecutor(num_threads=4, context=self.ctx)
+        self.executor = make_executor(self.ctx)  # the nodes' own executor (run_nodes)
         params: dict[str, Any] = {"detect.backend": backend, "detect.model": model,
                                   "diagnostics_period_s": 3600.0}
         if reliable:

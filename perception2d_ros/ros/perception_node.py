@@ -7,8 +7,9 @@ subscribes and starts the worker; deactivate → stops; cleanup → frees the mo
 
 Threading: subscription callbacks only convert/sync and drop the newest pair into a
 depth-1 slot (newest frame wins, drops counted); one worker thread runs the pipeline and
-publishes. Bad input never escapes a callback: one throttled error naming the field, a
-counter in /diagnostics, and the next good frame is processed.
+publishes; the callbacks are spun by a single-threaded executor (:func:`make_executor`).
+Bad input never escapes a callback: one throttled error naming the field, a counter in
+/diagnostics, and the next good frame is processed.
 """
 from __future__ import annotations
 
@@ -602,11 +603,31 @@ class PerceptionNode(LifecycleNode):
                 raise
 
 
-def run_nodes(nodes: Sequence[Any]) -> None:
-    """Spin nodes in a multi-threaded executor until shutdown; clean exit on Ctrl-C."""
-    from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+def make_executor(context: Any = None) -> Any:
+    """The executor that spins perception nodes (``run_nodes``, the bench, the replay).
 
-    executor = MultiThreadedExecutor()
+    Single-threaded on purpose. rclpy's ``MultiThreadedExecutor`` (9.1, Kilted) re-yields a
+    callback task that it has handed to its thread pool but that no pool thread has started
+    yet, and submits it again, every ~0.1 ms, until a pool thread gets the GIL: measured
+    1 500–10 600 submissions for 70 callbacks in 35 lockstep frames, and in bad runs
+    (bimodal, load-dependent) the real callbacks wait behind that queue of no-ops:
+    70–260 ms p50, up to 1 s, per 720p hop instead of 3–7 ms (docs/BENCHMARKS.md).
+    Nothing here needs callback parallelism: the callbacks only convert, sync and hand the
+    frame to the node's worker thread (which does not use the executor), and all of a
+    node's callbacks are in its default mutually exclusive group anyway. The single-threaded
+    executor runs each callback in the spinning thread as soon as the wait set reports it.
+    """
+    from rclpy.executors import SingleThreadedExecutor
+
+    return SingleThreadedExecutor(context=context)
+
+
+def run_nodes(nodes: Sequence[Any]) -> None:
+    """Spin nodes in the executor of :func:`make_executor` until shutdown; clean exit on
+    Ctrl-C."""
+    from rclpy.executors import ExternalShutdownException
+
+    executor = make_executor(nodes[0].context if nodes else None)
     for n in nodes:
         executor.add_node(n)
     try:
