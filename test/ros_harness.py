@@ -8,9 +8,10 @@ from typing import Any, Callable
 
 import rclpy
 from rclpy.context import Context
-from rclpy.executors import MultiThreadedExecutor
 from rclpy.node import Node
 from rclpy.qos import (DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy)
+
+from perception2d_ros.ros.perception_node import make_executor
 
 RELIABLE = QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE,
                       history=HistoryPolicy.KEEP_LAST)
@@ -33,7 +34,9 @@ class RosHarness:
     def __init__(self) -> None:
         self.context = Context()
         rclpy.init(context=self.context)
-        self.executor = MultiThreadedExecutor(num_threads=4, context=self.context)
+        # the nodes' own executor (single-threaded): rclpy's MultiThreadedExecutor re-submits
+        # ready callbacks many times and delays them by up to ~1 s (docs/BENCHMARKS.md)
+        self.executor = make_executor(self.context)
         self.node = Node("test_harness", context=self.context)
         self.executor.add_node(self.node)
         self._thread = threading.Thread(target=self._spin, daemon=True)
