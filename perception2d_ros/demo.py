@@ -26,7 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 NS = "/camera"
 OUT_TOPICS = ["image_rect", "camera_info_rect", "detections", "detections/label_info"]
 ENABLE_HINTS = {
-    "sam": "perception2d models fetch sam_vit_b (or --checkpoint) and add `sam` to stages",
+    "sam": "perception2d models fetch mobile_sam (or sam_vit_b, or --checkpoint) and add `sam` "
+           "to stages",
     "clip": "perception2d models fetch clip_vit_b32 and add `clip` to stages",
     "lseg": "put demo_e200.ckpt in the models dir, `perception2d models export lseg_demo_e200` and add "
             "`lseg` to stages",
