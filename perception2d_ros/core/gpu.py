@@ -195,47 +195,134 @@ class DeviceDetector:
                 .to(self.device)
         return self._grid
 
-    def decode(self, pred: Any) -> tuple[Any, Any, Any]:
-        """Device raw output of one image → device (xyxy network px, scores, classes) above
-        ``conf``, as :meth:`YoloDetector.decode`."""
+    def dense(self, pred: Any) -> tuple[Any, Any, Any] | None:
+        """Fixed-shape part of the decode: (xyxy network px, best-class score, class) for
+        every output row (YOLOX / v5 / v8 without multi-label), or None for the formats whose
+        decode is variable-shape throughout (v10, multi-label)."""
         torch = self.torch
         det = self.det
+        if det.multi_label or det.format not in ("yolox", "yolov5", "yolov8"):
+            return None
         pred = pred[0].float() if pred.dim() == 3 else pred.float()
         if det.format in ("yolox", "yolov5"):
-            obj = pred[:, 4]
-            cls_scores = pred[:, 5:] * obj[:, None]
+            cls_scores = pred[:, 5:] * pred[:, 4:5]
             if det.format == "yolox":
                 g = self._yolox_grid(pred.shape[0])
                 xy = (pred[:, :2] + g[:, :2]) * g[:, 2:]
                 wh = torch.exp(pred[:, 2:4]) * g[:, 2:]
             else:
                 xy, wh = pred[:, :2], pred[:, 2:4]
-        elif det.format == "yolov8":
+        else:
             nc = det.num_classes or 0
             if pred.shape[0] != 4 + nc and pred.shape[1] == 4 + nc:
                 pred = pred.T
             xy, wh = pred[:2].T, pred[2:4].T
             cls_scores = pred[4:].T
-        else:  # end-to-end (v10): x1, y1, x2, y2, score, class
-            m = pred[:, 4] > det.conf
-            sel = pred[m]
-            return sel[:, :4], sel[:, 4], sel[:, 5].round().long()
-        boxes = torch.cat([xy - wh / 2, xy + wh / 2], 1)
-        if det.multi_label:
-            i, j = torch.nonzero(cls_scores > det.conf, as_tuple=True)
-            boxes, scores, cls = boxes[i], cls_scores[i, j], j
-        else:
-            scores, cls = cls_scores.max(1)
-            m = scores > det.conf
-            boxes, scores, cls = boxes[m], scores[m], cls[m]
+        scores, cls = cls_scores.max(1)
+        return torch.cat([xy - wh / 2, xy + wh / 2], 1), scores, cls
+
+    def select(self, boxes: Any, scores: Any, cls: Any) -> tuple[Any, Any, Any]:
+        """Rows above ``conf`` (allow-list, ``max_candidates``): new tensors."""
+        det = self.det
+        m = scores > det.conf
+        boxes, scores, cls = boxes[m], scores[m], cls[m]
         if det.class_allow is not None and cls.numel():
-            allow = torch.from_numpy(det.class_allow).to(cls.device)
-            m = torch.isin(cls, allow)
+            allow = self.torch.from_numpy(det.class_allow).to(cls.device)
+            m = self.torch.isin(cls, allow)
             boxes, scores, cls = boxes[m], scores[m], cls[m]
         if scores.shape[0] > det.max_candidates:
-            top = torch.topk(scores, det.max_candidates).indices
+            top = self.torch.topk(scores, det.max_candidates).indices
             boxes, scores, cls = boxes[top], scores[top], cls[top]
         return boxes, scores, cls
+
+    def decode(self, pred: Any) -> tuple[Any, Any, Any]:
+        """Device raw output of one image → device (xyxy network px, scores, classes) above
+        ``conf``, as :meth:`YoloDetector.decode`."""
+        torch = self.torch
+        det = self.det
+        dense = self.dense(pred)
+        if dense is not None:
+            return self.select(*dense)
+        pred = pred[0].float() if pred.dim() == 3 else pred.float()
+        if det.format == "yolov10":  # end-to-end: x1, y1, x2, y2, score, class
+            m = pred[:, 4] > det.conf
+            sel = pred[m]
+            boxes, scores, cls = sel[:, :4], sel[:, 4], sel[:, 5].round().long()
+        else:  # multi-label: every class above conf
+            if det.format in ("yolox", "yolov5"):
+                cls_scores = pred[:, 5:] * pred[:, 4:5]
+                if det.format == "yolox":
+                    g = self._yolox_grid(pred.shape[0])
+                    xy = (pred[:, :2] + g[:, :2]) * g[:, 2:]
+                    wh = torch.exp(pred[:, 2:4]) * g[:, 2:]
+                else:
+                    xy, wh = pred[:, :2], pred[:, 2:4]
+            else:
+                nc = det.num_classes or 0
+                if pred.shape[0] != 4 + nc and pred.shape[1] == 4 + nc:
+                    pred = pred.T
+                xy, wh = pred[:2].T, pred[2:4].T
+                cls_scores = pred[4:].T
+            i, j = torch.nonzero(cls_scores > det.conf, as_tuple=True)
+            boxes = torch.cat([xy - wh / 2, xy + wh / 2], 1)[i]
+            scores, cls = cls_scores[i, j], j
+            return self.select(boxes, scores, cls)
+        return boxes, scores, cls
+
+    # ------------------------------------------------------------------ one CUDA graph
+    def _graph_for(self, image: Any) -> Any:
+        """One CUDA graph per source size for letterbox + model + dense decode + the map to
+        source pixels (everything of fixed shape), replayed from a static input frame; None
+        where it cannot be used (CPU, eager engine, variable-shape format, capture failed)."""
+        torch = self.torch
+        eng = self.det.engine
+        if (not getattr(self, "_graphs_ok", True) or image.device.type != "cuda"
+                or not getattr(eng, "cuda_graph", False) or self.dense_supported is False):
+            return None
+        key = tuple(image.shape)
+        graphs = self.__dict__.setdefault("_graphs", {})
+        if key in graphs:
+            return graphs[key]
+        static = image.clone()
+        meta = self.lb.geometry(tuple(image.shape[:2]))
+        pad = torch.tensor([meta.pad_x, meta.pad_y] * 2, dtype=torch.float32,
+                           device=image.device)
+        scale = float(meta.scale)
+
+        def run() -> Any:
+            tensor, _ = self.letterbox(static)
+            x = tensor.half() if getattr(eng, "half", False) else tensor
+            out = eng.module(x)
+            pred = out[0] if isinstance(out, (tuple, list)) else out
+            boxes, scores, cls = self.dense(pred)
+            return (boxes - pad) / scale, scores, cls
+
+        try:
+            with torch.inference_mode():
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    for _ in range(3):
+                        run()
+                torch.cuda.current_stream().wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    outs = run()
+        except Exception as exc:  # noqa: BLE001 - eager path from now on
+            import logging
+
+            logging.getLogger("perception2d.gpu").warning(
+                "detector CUDA graph capture failed (%s); running the stages eagerly", exc)
+            self._graphs_ok = False
+            return None
+        if len(graphs) > 4:
+            graphs.clear()
+        graphs[key] = (graph, static, outs, meta)
+        return graphs[key]
+
+    @property
+    def dense_supported(self) -> bool:
+        return not self.det.multi_label and self.det.format in ("yolox", "yolov5", "yolov8")
 
     def detect(self, image: Any) -> Detections:
         """Detections (host arrays, source pixels of ``image``) of a device BGR image."""
@@ -246,17 +333,28 @@ class DeviceDetector:
 
         det = self.det
         t0 = time.perf_counter()
-        tensor, meta = self.letterbox(image)
-        t1 = time.perf_counter()
-        outs = det.engine.infer_tensors({det.input_name: tensor})
-        pred = next(iter(outs.values()))
-        t2 = time.perf_counter()
-        boxes, scores, cls = self.decode(pred)
+        entry = self._graph_for(image)
+        if entry is not None:      # letterbox + model + dense decode: one graph replay
+            graph, static, outs, meta = entry
+            with self.torch.inference_mode():
+                static.copy_(image)
+                graph.replay()
+                t1 = t2 = time.perf_counter()
+                boxes, scores, cls = self.select(*outs)
+            mapped = True
+        else:
+            tensor, meta = self.letterbox(image)
+            t1 = time.perf_counter()
+            outs = det.engine.infer_tensors({det.input_name: tensor})
+            pred = next(iter(outs.values()))
+            t2 = time.perf_counter()
+            boxes, scores, cls = self.decode(pred)
+            mapped = False
         if boxes.shape[0]:
-            scale = float(meta.scale)
-            pad = self.torch.tensor([meta.pad_x, meta.pad_y] * 2, dtype=boxes.dtype,
-                                    device=boxes.device)
-            boxes = (boxes - pad) / scale
+            if not mapped:
+                pad = self.torch.tensor([meta.pad_x, meta.pad_y] * 2, dtype=boxes.dtype,
+                                        device=boxes.device)
+                boxes = (boxes - pad) / float(meta.scale)
             if det.format == "yolov10" and not det.end2end_nms:
                 keep = self.torch.argsort(-scores, stable=True)[: det.max_det]
             elif self._batched_nms is not None and det.nms_box_offset == 0:
@@ -265,9 +363,10 @@ class DeviceDetector:
                                          det.iou)[: det.max_det]
             else:
                 keep = None
-            if keep is not None:
-                b, s, c = (boxes[keep].cpu().numpy(), scores[keep].cpu().numpy(),
-                           cls[keep].cpu().numpy().astype(np.int64))
+            if keep is not None:   # one device → host copy for all three
+                packed = self.torch.cat([boxes[keep], scores[keep, None],
+                                         cls[keep, None].to(boxes.dtype)], 1).cpu().numpy()
+                b, s, c = packed[:, :4], packed[:, 4], packed[:, 5].astype(np.int64)
             else:
                 b, s = boxes.cpu().numpy(), scores.cpu().numpy()
                 c = cls.cpu().numpy().astype(np.int64)
