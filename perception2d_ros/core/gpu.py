@@ -317,7 +317,9 @@ class DeviceDetector:
             return None
         if len(graphs) > 4:
             graphs.clear()
-        graphs[key] = (graph, static, outs, meta)
+        # everything the graph reads must outlive it: ``pad`` too (a freed tensor's memory is
+        # reused by later allocations, and the replay would read whatever is there)
+        graphs[key] = (graph, static, outs, meta, pad)
         return graphs[key]
 
     @property
@@ -335,7 +337,7 @@ class DeviceDetector:
         t0 = time.perf_counter()
         entry = self._graph_for(image)
         if entry is not None:      # letterbox + model + dense decode: one graph replay
-            graph, static, outs, meta = entry
+            graph, static, outs, meta, _ = entry
             with self.torch.inference_mode():
                 static.copy_(image)
                 graph.replay()
