@@ -269,63 +269,6 @@ class DeviceDetector:
             return self.select(boxes, scores, cls)
         return boxes, scores, cls
 
-    # ------------------------------------------------------------------ one CUDA graph
-    def _graph_for(self, image: Any) -> Any:
-        """One CUDA graph per source size for letterbox + model + dense decode + the map to
-        source pixels (everything of fixed shape), replayed from a static input frame; None
-        where it cannot be used (CPU, eager engine, variable-shape format, capture failed)."""
-        torch = self.torch
-        eng = self.det.engine
-        if (not getattr(self, "_graphs_ok", True) or image.device.type != "cuda"
-                or not getattr(eng, "cuda_graph", False) or self.dense_supported is False):
-            return None
-        key = tuple(image.shape)
-        graphs = self.__dict__.setdefault("_graphs", {})
-        if key in graphs:
-            return graphs[key]
-        static = image.clone()
-        meta = self.lb.geometry(tuple(image.shape[:2]))
-        pad = torch.tensor([meta.pad_x, meta.pad_y] * 2, dtype=torch.float32,
-                           device=image.device)
-        scale = float(meta.scale)
-
-        def run() -> Any:
-            tensor, _ = self.letterbox(static)
-            x = tensor.half() if getattr(eng, "half", False) else tensor
-            out = eng.module(x)
-            pred = out[0] if isinstance(out, (tuple, list)) else out
-            boxes, scores, cls = self.dense(pred)
-            return (boxes - pad) / scale, scores, cls
-
-        try:
-            with torch.inference_mode():
-                side = torch.cuda.Stream()
-                side.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(side):
-                    for _ in range(3):
-                        run()
-                torch.cuda.current_stream().wait_stream(side)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
-                    outs = run()
-        except Exception as exc:  # noqa: BLE001 - eager path from now on
-            import logging
-
-            logging.getLogger("perception2d.gpu").warning(
-                "detector CUDA graph capture failed (%s); running the stages eagerly", exc)
-            self._graphs_ok = False
-            return None
-        if len(graphs) > 4:
-            graphs.clear()
-        # everything the graph reads must outlive it: ``pad`` too (a freed tensor's memory is
-        # reused by later allocations, and the replay would read whatever is there)
-        graphs[key] = (graph, static, outs, meta, pad)
-        return graphs[key]
-
-    @property
-    def dense_supported(self) -> bool:
-        return not self.det.multi_label and self.det.format in ("yolox", "yolov5", "yolov8")
-
     def detect(self, image: Any) -> Detections:
         """Detections (host arrays, source pixels of ``image``) of a device BGR image."""
         import time
@@ -335,28 +278,16 @@ class DeviceDetector:
 
         det = self.det
         t0 = time.perf_counter()
-        entry = self._graph_for(image)
-        if entry is not None:      # letterbox + model + dense decode: one graph replay
-            graph, static, outs, meta, _ = entry
-            with self.torch.inference_mode():
-                static.copy_(image)
-                graph.replay()
-                t1 = t2 = time.perf_counter()
-                boxes, scores, cls = self.select(*outs)
-            mapped = True
-        else:
-            tensor, meta = self.letterbox(image)
-            t1 = time.perf_counter()
-            outs = det.engine.infer_tensors({det.input_name: tensor})
-            pred = next(iter(outs.values()))
-            t2 = time.perf_counter()
-            boxes, scores, cls = self.decode(pred)
-            mapped = False
+        tensor, meta = self.letterbox(image)
+        t1 = time.perf_counter()
+        outs = det.engine.infer_tensors({det.input_name: tensor})
+        pred = next(iter(outs.values()))
+        t2 = time.perf_counter()
+        boxes, scores, cls = self.decode(pred)
         if boxes.shape[0]:
-            if not mapped:
-                pad = self.torch.tensor([meta.pad_x, meta.pad_y] * 2, dtype=boxes.dtype,
-                                        device=boxes.device)
-                boxes = (boxes - pad) / float(meta.scale)
+            pad = self.torch.tensor([meta.pad_x, meta.pad_y] * 2, dtype=boxes.dtype,
+                                    device=boxes.device)
+            boxes = (boxes - pad) / float(meta.scale)
             if det.format == "yolov10" and not det.end2end_nms:
                 keep = self.torch.argsort(-scores, stable=True)[: det.max_det]
             elif self._batched_nms is not None and det.nms_box_offset == 0:
