@@ -162,3 +162,24 @@ def test_device_mask_combination_equals_the_host_one() -> None:
     assert ids.dtype == np.uint16 and np.array_equal(ids, instance_id_image(res))
     assert np.array_equal(areas, res.areas)
     assert np.array_equal(boxes, mask_bboxes(masks)) and boxes.dtype == np.int32
+
+
+@pytest.mark.parametrize("multi_label", [False, True])
+def test_device_decode_equals_the_host_decode(data_dir: Path, models_dir: Path,
+                                              multi_label: bool) -> None:
+    """The device decode of a real YOLOX-nano output (grid, exp, obj × cls, threshold,
+    multi-label) keeps the host decode's candidates with the same classes and boxes."""
+    from perception2d_ros.core.gpu import DeviceDetector
+    from perception2d_ros.core.yolo import YoloDetector
+
+    det = YoloDetector.from_model("yolox_nano", _torch_cpu(), models_dir=models_dir,
+                                  conf=0.05, multi_label=multi_label)
+    img = cv2.imread(str(data_dir / "coco" / "images" / IMAGES[0]))
+    pred = det.infer(det.preprocess(img)[0])["output"]
+    hb, hs, hc = det.decode(pred)
+    db, ds, dc = (t.numpy() for t in DeviceDetector(det).decode(torch.from_numpy(pred)))
+    assert len(hs) == len(ds) >= 20
+    o1, o2 = np.lexsort((hc, hs)), np.lexsort((dc, ds))
+    np.testing.assert_array_equal(hc[o1], dc[o2])
+    np.testing.assert_allclose(hs[o1], ds[o2], atol=1e-6)
+    np.testing.assert_allclose(hb[o1], db[o2], atol=1e-3)

@@ -195,31 +195,32 @@ class DeviceDetector:
                 .to(self.device)
         return self._grid
 
+    def _rows(self, pred: Any) -> tuple[Any, Any, Any]:
+        """(centres, sizes in network px, class scores) of every row: YOLOX / v5 / v8."""
+        torch = self.torch
+        det = self.det
+        if det.format in ("yolox", "yolov5"):
+            cls_scores = pred[:, 5:] * pred[:, 4:5]
+            if det.format == "yolov5":
+                return pred[:, :2], pred[:, 2:4], cls_scores
+            g = self._yolox_grid(pred.shape[0])
+            return ((pred[:, :2] + g[:, :2]) * g[:, 2:], torch.exp(pred[:, 2:4]) * g[:, 2:],
+                    cls_scores)
+        nc = det.num_classes or 0
+        if pred.shape[0] != 4 + nc and pred.shape[1] == 4 + nc:
+            pred = pred.T
+        return pred[:2].T, pred[2:4].T, pred[4:].T
+
     def dense(self, pred: Any) -> tuple[Any, Any, Any] | None:
         """Fixed-shape part of the decode: (xyxy network px, best-class score, class) for
         every output row (YOLOX / v5 / v8 without multi-label), or None for the formats whose
         decode is variable-shape throughout (v10, multi-label)."""
-        torch = self.torch
         det = self.det
         if det.multi_label or det.format not in ("yolox", "yolov5", "yolov8"):
             return None
-        pred = pred[0].float() if pred.dim() == 3 else pred.float()
-        if det.format in ("yolox", "yolov5"):
-            cls_scores = pred[:, 5:] * pred[:, 4:5]
-            if det.format == "yolox":
-                g = self._yolox_grid(pred.shape[0])
-                xy = (pred[:, :2] + g[:, :2]) * g[:, 2:]
-                wh = torch.exp(pred[:, 2:4]) * g[:, 2:]
-            else:
-                xy, wh = pred[:, :2], pred[:, 2:4]
-        else:
-            nc = det.num_classes or 0
-            if pred.shape[0] != 4 + nc and pred.shape[1] == 4 + nc:
-                pred = pred.T
-            xy, wh = pred[:2].T, pred[2:4].T
-            cls_scores = pred[4:].T
+        xy, wh, cls_scores = self._rows(pred[0].float() if pred.dim() == 3 else pred.float())
         scores, cls = cls_scores.max(1)
-        return torch.cat([xy - wh / 2, xy + wh / 2], 1), scores, cls
+        return self.torch.cat([xy - wh / 2, xy + wh / 2], 1), scores, cls
 
     def select(self, boxes: Any, scores: Any, cls: Any) -> tuple[Any, Any, Any]:
         """Rows above ``conf`` (allow-list, ``max_candidates``): new tensors."""
@@ -249,24 +250,10 @@ class DeviceDetector:
             sel = pred[m]
             boxes, scores, cls = sel[:, :4], sel[:, 4], sel[:, 5].round().long()
         else:  # multi-label: every class above conf
-            if det.format in ("yolox", "yolov5"):
-                cls_scores = pred[:, 5:] * pred[:, 4:5]
-                if det.format == "yolox":
-                    g = self._yolox_grid(pred.shape[0])
-                    xy = (pred[:, :2] + g[:, :2]) * g[:, 2:]
-                    wh = torch.exp(pred[:, 2:4]) * g[:, 2:]
-                else:
-                    xy, wh = pred[:, :2], pred[:, 2:4]
-            else:
-                nc = det.num_classes or 0
-                if pred.shape[0] != 4 + nc and pred.shape[1] == 4 + nc:
-                    pred = pred.T
-                xy, wh = pred[:2].T, pred[2:4].T
-                cls_scores = pred[4:].T
+            xy, wh, cls_scores = self._rows(pred)
             i, j = torch.nonzero(cls_scores > det.conf, as_tuple=True)
             boxes = torch.cat([xy - wh / 2, xy + wh / 2], 1)[i]
-            scores, cls = cls_scores[i, j], j
-            return self.select(boxes, scores, cls)
+            return self.select(boxes, cls_scores[i, j], j)
         return boxes, scores, cls
 
     def detect(self, image: Any) -> Detections:
