@@ -314,8 +314,6 @@ class Run:
     def parity(self) -> dict[str, Any]:
         """The fp16 CUDA path vs the fp32 host reference path on real frames: detections,
         SAM masks (MobileSAM), CLIP embeddings."""
-        import cv2
-
         from perception2d_ros.core.clip.labeler import ClipLabeler
         from perception2d_ros.core.engines import EngineConfig
         from perception2d_ros.core.sam import SamSegmenter, mask_iou
@@ -370,7 +368,6 @@ class Run:
             ea, eb = la.embed_preprocessed(x), lb.embed_preprocessed(x)
             cos = (ea * eb).sum(1) / np.linalg.norm(ea, axis=1) / np.linalg.norm(eb, axis=1)
             res["clip_fp16_cos_min"] = round(float(cos.min()), 6) if len(cos) else None
-        _ = cv2
         return res
 
     def cuda_tests(self) -> dict[str, Any]:

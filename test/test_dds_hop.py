@@ -123,12 +123,9 @@ def _dispatches_per_message(executor_factory, n: int = 20) -> float:
         time.sleep(0.05)
         return calls[0] / n
     finally:
-        executor.shutdown(timeout_sec=2.0)
-        for node in list(executor.get_nodes()):
-            node.destroy_node()
-        rclpy.try_shutdown(context=ctx)
-        if spin is not None:
-            spin.join(timeout=5)
+        from perception2d_ros.bench.stages import _shutdown
+
+        _shutdown(executor, ctx, spin)
 
 
 def test_executor_dispatches_each_callback_once():

@@ -452,11 +452,7 @@ def run_dds_lockstep(stage: str, *, frames: int, size: tuple[int, int], threads:
             pub_info.publish(info)
             t0 = time.perf_counter()
             pub_img.publish(msg)
-            end = time.monotonic() + 10.0
-            while ns not in recv and time.monotonic() < end:
-                got.wait(0.5)
-                got.clear()
-            if ns not in recv:
+            if not _wait_key(recv, ns, got, 10.0, 0.5):
                 lost += 1
                 continue
             if i >= warmup:
@@ -474,12 +470,28 @@ def run_dds_lockstep(stage: str, *, frames: int, size: tuple[int, int], threads:
                                            "output transport + deserialise, executor wake-ups")
         return out
     finally:
-        executor.shutdown(timeout_sec=2.0)
-        for n in list(executor.get_nodes()):
-            n.destroy_node()
-        rclpy.try_shutdown(context=ctx)
-        if spin is not None:
-            spin.join(timeout=5.0)
+        _shutdown(executor, ctx, spin)
+
+
+def _wait_key(store: dict, key: Any, event: threading.Event, timeout: float,
+              poll: float) -> bool:
+    """Wait until ``key`` is in ``store`` (set by a subscription callback that sets ``event``)."""
+    end = time.monotonic() + timeout
+    while key not in store and time.monotonic() < end:
+        event.wait(poll)
+        event.clear()
+    return key in store
+
+
+def _shutdown(executor: Any, ctx: Any, spin: threading.Thread | None) -> None:
+    import rclpy
+
+    executor.shutdown(timeout_sec=2.0)
+    for n in list(executor.get_nodes()):
+        n.destroy_node()
+    rclpy.try_shutdown(context=ctx)
+    if spin is not None:
+        spin.join(timeout=5.0)
 
 
 # ------------------------------------------------------------------ one hop, two processes
@@ -565,11 +577,7 @@ def run_dds_hop(*, size: tuple[int, int] = (1280, 720), frames: int = 20, warmup
                 t_mono = time.monotonic_ns()
                 t0 = time.perf_counter()
                 pub.publish(img)
-                end = time.monotonic() + 2.0
-                while ns not in acks and time.monotonic() < end:
-                    got.wait(0.2)
-                    got.clear()
-                if ns not in acks:
+                if not _wait_key(acks, ns, got, 2.0, 0.2):
                     lost += 1
                     continue
                 if k >= warmup:
@@ -588,12 +596,7 @@ def run_dds_hop(*, size: tuple[int, int] = (1280, 720), frames: int = 20, warmup
         except Exception:
             child.kill()
             child.wait()
-        executor.shutdown(timeout_sec=2.0)
-        for n in list(executor.get_nodes()):
-            n.destroy_node()
-        rclpy.try_shutdown(context=ctx)
-        if spin is not None:
-            spin.join(timeout=5.0)
+        _shutdown(executor, ctx, spin)
 
 
 def _hop_echo() -> None:
