@@ -93,7 +93,7 @@ class DeviceFrames:
     def download(t: Any) -> np.ndarray:
         return t.cpu().numpy()
 
-    def _grid(self, camera: Any, dtype: Any) -> Any:
+    def _grid(self, camera: Any) -> Any:
         import cv2
 
         key = id(camera)
@@ -108,7 +108,7 @@ class DeviceFrames:
             self._grids[key] = entry
             while len(self._grids) > 8:
                 self._grids.popitem(last=False)
-        return entry[1] if entry[1].dtype == dtype else entry[1].to(dtype)
+        return entry[1]
 
     def rectify(self, image: Any, camera: Any, interpolation: int = 1) -> Any:
         """Rectify a device image (HxW or HxWxC uint8) with ``camera``'s maps; pixels that map
@@ -117,11 +117,10 @@ class DeviceFrames:
 
         if camera.is_identity:
             return image
-        # float32 sample positions: in fp16 a 1280-px grid is off by up to 0.3 px
-        dtype = self.torch.float32
+        # float32 sample positions and pixels: in fp16 a 1280-px grid is off by up to 0.3 px
         x = image[None, None] if image.dim() == 2 else image.permute(2, 0, 1)[None]
         mode = "nearest" if interpolation == 0 else "bilinear"
-        y = F.grid_sample(x.to(dtype), self._grid(camera, dtype), mode=mode,
+        y = F.grid_sample(x.float(), self._grid(camera), mode=mode,
                           padding_mode="zeros", align_corners=True)
         y = y.round_().clamp_(0, 255).to(self.torch.uint8)[0]
         return y[0] if image.dim() == 2 else y.permute(1, 2, 0).contiguous()
@@ -272,9 +271,10 @@ class DeviceDetector:
         t2 = time.perf_counter()
         boxes, scores, cls = self.decode(pred)
         if boxes.shape[0]:
-            pad = self.torch.tensor([meta.pad_x, meta.pad_y] * 2, dtype=boxes.dtype,
-                                    device=boxes.device)
-            boxes = (boxes - pad) / float(meta.scale)
+            # to source pixels with scalar ops (boxes is a fresh tensor: no upload per frame)
+            boxes[:, 0::2] -= float(meta.pad_x)
+            boxes[:, 1::2] -= float(meta.pad_y)
+            boxes /= float(meta.scale)
             if det.format == "yolov10" and not det.end2end_nms:
                 keep = self.torch.argsort(-scores, stable=True)[: det.max_det]
             elif self._batched_nms is not None and det.nms_box_offset == 0:

@@ -160,7 +160,7 @@ def _make_kernels() -> dict[str, Callable[..., Any]]:
     def cast(v: list, a: dict, c: Any) -> Any:
         to = int(a["to"])
         if to in _FLOAT_CODES:
-            return v[0].to(c.float_dtype(v[0]))
+            return v[0].to(c.float_dtype)
         return v[0].to(getattr(torch, np.dtype(_NP_DTYPES[to]).name
                                if to != 9 else "bool"))
 
@@ -477,15 +477,13 @@ def _graph_base() -> type:
 
 
 class _Ctx:
-    """What a kernel may ask about its node and the module (opset, float dtype)."""
+    """What a kernel may ask about its node and the module: the opset, the number of outputs
+    and the float dtype of the module (``Cast`` to float follows ``.half()``)."""
 
-    __slots__ = ("opset", "n_outputs", "_float")
+    __slots__ = ("opset", "n_outputs", "float_dtype")
 
     def __init__(self, opset: int, float_dtype: Any) -> None:
-        self.opset, self._float, self.n_outputs = opset, float_dtype, 1
-
-    def float_dtype(self, x: Any) -> Any:
-        return self._float
+        self.opset, self.float_dtype, self.n_outputs = opset, float_dtype, 1
 
 
 class _Graph(_graph_base()):  # type: ignore[misc]
