@@ -48,11 +48,13 @@ import numpy as np
 import numpy.typing as npt
 
 __all__ = [
+    "CALIBRATION_LAYOUTS",
     "DISTORTION_MODELS",
     "CameraModel",
     "Extrinsics",
     "RegionOfInterest",
     "BODY_TO_OPTICAL",
+    "calibration_layout",
 ]
 
 #: Supported ``distortion_model`` values and their number of coefficients.
@@ -155,6 +157,83 @@ class RegionOfInterest:
 
     def is_full(self) -> bool:
         return self.x_offset == 0 and self.y_offset == 0 and self.height == 0 and self.width == 0
+
+
+#: The calibration file layouts :meth:`CameraModel.from_yaml` accepts (the error text).
+CALIBRATION_LAYOUTS = (
+    "accepted layouts: camera_calibration_parsers YAML (image_width, image_height, "
+    "camera_matrix, distortion_coefficients, rectification_matrix, projection_matrix), a ROS 2 "
+    "CameraInfo dump (`ros2 topic echo --once .../camera_info`: height, width, "
+    "distortion_model, d, k, r, p) or a ROS 1 one (`rostopic echo -n1 .../camera_info`: "
+    "height, width, distortion_model, D, K, R, P)"
+)
+_PARSERS_KEYS = ("image_width", "image_height", "camera_matrix", "distortion_coefficients",
+                 "rectification_matrix", "projection_matrix")
+_DUMP_MATRICES = ("d", "k", "r", "p")
+
+
+def calibration_layout(doc: Mapping[str, Any]) -> str | None:
+    """Which calibration layout a parsed YAML mapping is in: ``"camera_calibration_parsers"``,
+    ``"ros2_camera_info"`` (lowercase ``k, d, r, p``), ``"ros1_camera_info"`` (uppercase
+    ``K, D, R, P``) or None (none of them; see :data:`CALIBRATION_LAYOUTS`)."""
+    keys = set(doc)
+    if keys & {"camera_matrix", "image_width", "projection_matrix"}:
+        return "camera_calibration_parsers"
+    if keys & {"K", "P"}:
+        return "ros1_camera_info"
+    if keys & {"k", "p"}:
+        return "ros2_camera_info"
+    return None
+
+
+_ARRAY_REPR = None
+
+
+def _dump_sequence(value: Any, name: str) -> Any:
+    """A matrix of a CameraInfo dump: a YAML list, or the ``array('d', [...])`` text older
+    ``ros2 topic echo`` printed for sequences."""
+    global _ARRAY_REPR
+    if isinstance(value, str):
+        import re
+
+        if _ARRAY_REPR is None:
+            _ARRAY_REPR = re.compile(r"\s*array\(\s*'[a-zA-Z]'\s*,\s*\[(.*)\]\s*\)\s*")
+        m = _ARRAY_REPR.fullmatch(value)
+        if m is None:
+            raise ValueError(f"camera_info.{name} must be a list of numbers, got {value!r}")
+        body = m.group(1).strip()
+        try:
+            return [float(v) for v in body.split(",")] if body else []
+        except ValueError:
+            raise ValueError(f"camera_info.{name} must be a list of numbers, got {value!r}") \
+                from None
+    return value
+
+
+def _camera_info_dump_fields(doc: Mapping[str, Any], layout: str) -> dict[str, Any]:
+    """CameraInfo fields (lowercase) from a ``ros2 topic echo`` / ``rostopic echo`` dump."""
+    upper = layout == "ros1_camera_info"
+    names = {k: k.upper() if upper else k for k in _DUMP_MATRICES}
+    expected = (f"a {'ROS 1' if upper else 'ROS 2'} CameraInfo dump has height, width, "
+                f"distortion_model, {', '.join(names.values())}")
+    fields: dict[str, Any] = {}
+    for key in ("height", "width", "distortion_model"):
+        if key not in doc:
+            raise ValueError(f"missing key {key!r} ({expected})")
+        fields[key] = doc[key]
+    for key, src in names.items():
+        if src not in doc:
+            raise ValueError(f"missing key {src!r} ({expected})")
+        fields[key] = _dump_sequence(doc[src], src)
+    for key in ("binning_x", "binning_y"):
+        if doc.get(key) is not None:
+            fields[key] = doc[key]
+    if isinstance(doc.get("roi"), Mapping):
+        fields["roi"] = doc["roi"]
+    header = doc.get("header")
+    if isinstance(header, Mapping) and header.get("frame_id"):
+        fields["header"] = {"frame_id": str(header["frame_id"])}
+    return fields
 
 
 class CameraModel:
@@ -360,56 +439,80 @@ class CameraModel:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> CameraModel:
-        """Load a ``camera_calibration`` / ``camera_info_manager`` YAML file.
+        """Load a calibration file in any of the layouts robots have them in.
 
-        Required keys: ``image_width, image_height, camera_matrix, distortion_coefficients,
-        rectification_matrix, projection_matrix`` (matrices as ``{rows, cols, data}``);
-        optional: ``camera_name``, ``distortion_model`` (default ``plumb_bob`` as for legacy
-        files). Errors are ``ValueError`` prefixed with the path.
+        * ``camera_calibration_parsers`` / ``camera_info_manager`` YAML (what
+          ``camera_calibration`` writes): ``image_width, image_height, camera_matrix,
+          distortion_coefficients, rectification_matrix, projection_matrix`` (matrices as
+          ``{rows, cols, data}``); optional ``camera_name``, ``distortion_model`` (default
+          ``plumb_bob`` as for legacy files).
+        * a ROS 2 ``sensor_msgs/CameraInfo`` dump (``ros2 topic echo --once …/camera_info``):
+          ``height, width, distortion_model, d, k, r, p``; optional ``header, binning_x,
+          binning_y, roi``.
+        * a ROS 1 dump (``rostopic echo -n1 …/camera_info``): the same with ``D, K, R, P``.
+
+        A trailing ``---`` (as ``topic echo`` prints) is fine; with several messages the first
+        is used. Errors are ``ValueError`` prefixed with the path; an unknown layout gets one
+        line naming the layouts accepted.
         """
         import yaml  # local: only needed here
 
         path = Path(path)
         try:
             with path.open("r", encoding="utf-8") as f:
-                doc = yaml.safe_load(f)
+                docs = [d for d in yaml.safe_load_all(f) if d is not None]
         except yaml.YAMLError as exc:
-            raise ValueError(f"{path}: not valid YAML: {exc}") from None
+            reason = " ".join(str(exc).split())
+            raise ValueError(f"{path}: not valid YAML: {reason}") from None
+        doc = docs[0] if docs else None
         if not isinstance(doc, Mapping):
-            raise ValueError(f"{path}: expected a mapping of calibration keys")
+            raise ValueError(f"{path}: expected a mapping of calibration keys; "
+                             f"{CALIBRATION_LAYOUTS}")
+        layout = calibration_layout(doc)
+        try:
+            if layout == "camera_calibration_parsers":
+                return cls._from_parsers_doc(doc)
+            if layout in ("ros2_camera_info", "ros1_camera_info"):
+                return cls.from_camera_info(_camera_info_dump_fields(doc, layout))
+        except ValueError as exc:
+            raise ValueError(f"{path}: {exc}") from None
+        keys = ", ".join(sorted(str(k) for k in doc)[:12])
+        raise ValueError(f"{path}: unknown calibration layout (keys: {keys}); "
+                         f"{CALIBRATION_LAYOUTS}")
+
+    @classmethod
+    def _from_parsers_doc(cls, doc: Mapping[str, Any]) -> CameraModel:
+        """The camera_calibration_parsers layout (see :meth:`from_yaml`)."""
 
         def matrix(key: str, rows: int | None, cols: int | None) -> list[float]:
             if key not in doc:
-                raise ValueError(f"{path}: missing key {key!r}")
+                raise ValueError(f"missing key {key!r}")
             m = doc[key]
             if not isinstance(m, Mapping) or "data" not in m:
-                raise ValueError(f"{path}: {key} must be a mapping with rows, cols, data")
+                raise ValueError(f"{key} must be a mapping with rows, cols, data")
             data = list(m["data"] or [])
             r_, c_ = m.get("rows"), m.get("cols")
             if r_ is not None and c_ is not None and int(r_) * int(c_) != len(data):
                 raise ValueError(
-                    f"{path}: {key} has rows*cols = {int(r_) * int(c_)} but {len(data)} values"
+                    f"{key} has rows*cols = {int(r_) * int(c_)} but {len(data)} values"
                 )
             if rows is not None and len(data) != rows * cols:
-                raise ValueError(f"{path}: {key} must have {rows * cols} values, got {len(data)}")
+                raise ValueError(f"{key} must have {rows * cols} values, got {len(data)}")
             return data
 
         for key in ("image_width", "image_height"):
             if key not in doc:
-                raise ValueError(f"{path}: missing key {key!r}")
-        try:
-            return cls(
-                doc["image_width"],
-                doc["image_height"],
-                matrix("camera_matrix", 3, 3),
-                matrix("distortion_coefficients", None, None),
-                distortion_model=doc.get("distortion_model", "plumb_bob"),
-                r=matrix("rectification_matrix", 3, 3),
-                p=matrix("projection_matrix", 3, 4),
-                camera_name=doc.get("camera_name", "") or "",
-            )
-        except ValueError as exc:
-            raise ValueError(f"{path}: {exc}") from None
+                raise ValueError(f"missing key {key!r}")
+        return cls(
+            doc["image_width"],
+            doc["image_height"],
+            matrix("camera_matrix", 3, 3),
+            matrix("distortion_coefficients", None, None),
+            distortion_model=doc.get("distortion_model", "plumb_bob"),
+            r=matrix("rectification_matrix", 3, 3),
+            p=matrix("projection_matrix", 3, 4),
+            camera_name=doc.get("camera_name", "") or "",
+        )
 
     # ------------------------------------------------------------------ properties
     @property
