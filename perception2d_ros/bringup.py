@@ -81,20 +81,23 @@ def enabled_stages(params_file: str | Path) -> list[str]:
 
 
 def node_list(*, pipeline: bool = True, params_file: str | Path | None = None,
-              image_topic: str = "image_raw", camera_info_topic: str = "camera_info"
-              ) -> list[NodeSpec]:
+              image_topic: str = "image_raw", camera_info_topic: str = "camera_info",
+              image_transport: str | None = None) -> list[NodeSpec]:
     """Nodes for the given mode. Topic names are relative to the namespace unless absolute.
 
     pipeline=True: one ``pipeline_node`` running every enabled stage on the same frame.
     pipeline=False: one node per enabled stage, chained over topics (image_rect, detections).
+    ``image_transport`` (raw | compressed; None = the params file's) applies to the nodes that
+    read the camera's images; nodes fed by ``rectify_node`` always read its raw image_rect.
     """
     pfile = str(params_file or default_params_file())
     stages = enabled_stages(pfile)
     remap_in = [("image_raw", image_topic), ("camera_info", camera_info_topic)]
+    camera_side = {"image_transport": image_transport} if image_transport else {}
     if pipeline:
         return [NodeSpec("pipeline_node", "pipeline_node",
                          "perception2d_ros.ros.pipeline_node", [pfile],
-                         {"stages": stages}, remap_in)]
+                         {"stages": stages, **camera_side}, remap_in)]
     specs = []
     # with CLIP on, the detector's boxes go to detections/raw and clip_node publishes the
     # labelled `detections` — the same topic and content as pipeline mode
@@ -103,6 +106,9 @@ def node_list(*, pipeline: bool = True, params_file: str | Path | None = None,
         if stage not in stages:
             continue
         overrides: dict[str, Any] = {"stages": [stage]}
+        # images from rectify_node are raw sensor_msgs/Image; only camera-facing nodes decode
+        overrides.update(camera_side if kind == "rectify_node" or "rectify" not in stages
+                         else {"image_transport": "raw"})
         remaps: list[tuple[str, str]] = []
         if kind == "rectify_node":
             remaps = list(remap_in)

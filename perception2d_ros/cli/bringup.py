@@ -18,6 +18,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="one process for all stages (true) or one node per stage")
     p.add_argument("--image-topic", default="image_raw")
     p.add_argument("--camera-info-topic", default="camera_info")
+    p.add_argument("--image-transport", choices=["raw", "compressed"], default=None,
+                   help="camera image transport (default: the params file's image_transport)")
     p.add_argument("--use-sim-time", action="store_true")
     p.add_argument("--log-level", default="info")
     p.add_argument("--print", action="store_true", help="print the node commands and exit")
@@ -30,7 +32,8 @@ def commands(args: argparse.Namespace) -> list[list[str]]:
     extra = [a for a in getattr(args, "ros_args", []) if a != "--ros-args"]
     cmds = []
     for spec in node_list(pipeline=args.pipeline == "true", params_file=args.params_file,
-                          image_topic=args.image_topic, camera_info_topic=args.camera_info_topic):
+                          image_topic=args.image_topic, camera_info_topic=args.camera_info_topic,
+                          image_transport=args.image_transport):
         cmds.append([sys.executable, "-m", spec.module]
                     + spec.ros_args(args.namespace, args.use_sim_time, args.log_level) + extra)
     return cmds

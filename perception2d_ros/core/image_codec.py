@@ -1,4 +1,5 @@
-"""sensor_msgs/Image <-> numpy, and colour conversion for model input (replaces cv_bridge).
+"""sensor_msgs/Image <-> numpy, and colour conversion for model input (replaces cv_bridge);
+sensor_msgs/CompressedImage (image_transport's ``compressed`` format) <-> numpy.
 
 ROS-free: works on any object (or mapping) with the ``sensor_msgs/Image`` fields
 ``height, width, encoding, is_bigendian, step, data``.
@@ -35,6 +36,9 @@ __all__ = [
     "convert",
     "to_bgr8",
     "CONVERT_TARGETS",
+    "COMPRESSED_CODECS",
+    "decode_compressed",
+    "encode_compressed",
 ]
 
 
@@ -340,3 +344,116 @@ def to_bgr8(msg_like_or_array: Any, encoding: str | None = None) -> np.ndarray:
         )
     return convert(image_to_array(msg_like_or_array), msg_encoding, "bgr8")
 
+
+
+# --------------------------------------------------------------------------------------------
+# sensor_msgs/CompressedImage (image_transport's ``compressed`` transport)
+# --------------------------------------------------------------------------------------------
+#: Codecs :func:`encode_compressed` writes (``format`` strings as image_transport writes them).
+COMPRESSED_CODECS = ("jpeg", "png")
+
+
+def _compressed_layout(fmt: str) -> tuple[str, str]:
+    """``(codec, channel order of the decoded pixels)`` from a CompressedImage ``format``.
+
+    image_transport's compressed publisher writes ``"<encoding>; <codec> compressed <target>"``
+    (e.g. ``"bgr8; jpeg compressed bgr8"``, ``"rgb8; png compressed rgb8"``); older
+    publishers and many camera drivers write just ``"jpeg"`` / ``"png"`` (pixels in BGR order
+    once decoded, as OpenCV reads any image file). ``target`` names the channel order the
+    decoded pixels are in.
+    """
+    text = str(fmt).strip().lower()
+    if "compresseddepth" in text:
+        raise ValueError(
+            f"image.format {fmt!r} is the compressedDepth transport (depth images), not "
+            "supported as camera input; subscribe to the camera's colour image")
+    codec = text.split(";", 1)[1].strip().split(" ", 1)[0] if ";" in text else text
+    order = "rgb" if "compressed rgb" in text else "bgr"
+    return codec or "unknown", order
+
+
+def decode_compressed(fmt: str, data: Any) -> tuple[np.ndarray, str]:
+    """Decode the ``data`` of a ``sensor_msgs/CompressedImage`` with ``cv2.imdecode``.
+
+    Args:
+        fmt: the message's ``format`` (``"jpeg"``, ``"bgr8; jpeg compressed bgr8"``, …).
+        data: the compressed bytes (bytes, array.array, memoryview or uint8 numpy array).
+
+    Returns:
+        ``(array, encoding)``: 8-bit images as ``bgr8`` (H, W, 3) or ``mono8`` (H, W) —
+        colour is always returned in BGR order, whatever order the format names; 16-bit PNGs
+        as ``bgr16`` / ``mono16``. The pixels are decoded unchanged (``IMREAD_UNCHANGED``,
+        no EXIF rotation), as image_transport's compressed subscriber does.
+
+    Raises:
+        ValueError: naming ``image.format`` / ``image.data``: an empty or undecodable buffer,
+            a truncated JPEG (no end-of-image marker), or the compressedDepth transport.
+    """
+    codec, order = _compressed_layout(fmt)
+    try:
+        buf = _byte_view(data)
+    except ValueError as exc:
+        raise ValueError(f"image.data of a CompressedImage ({fmt!r}): {exc}") from None
+    if buf.size == 0:
+        raise ValueError(f"image.data is empty (CompressedImage format {fmt!r})")
+    if buf.size >= 2 and buf[0] == 0xFF and buf[1] == 0xD8:  # a JPEG stream
+        tail = buf[-64:]
+        nonzero = np.flatnonzero(tail)  # zero padding after the marker is harmless
+        end = buf.size - tail.size + int(nonzero[-1]) + 1 if nonzero.size else 0
+        if end < 2 or not (buf[end - 2] == 0xFF and buf[end - 1] == 0xD9):
+            raise ValueError(f"image.format {fmt!r}: truncated JPEG ({buf.size} bytes, no "
+                             "end-of-image marker)")
+    try:
+        image = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
+    except cv2.error as exc:
+        image = None
+        reason = " ".join(str(exc).split())
+    else:
+        reason = "not a valid image stream"
+    if image is None:
+        raise ValueError(f"image.format {fmt!r}: cannot decode {buf.size} bytes as {codec} "
+                         f"({reason})")
+    if image.dtype not in (np.uint8, np.uint16):
+        raise ValueError(f"image.format {fmt!r}: decoded to {image.dtype}, expected 8 or 16 "
+                         "bit pixels")
+    bits = 8 if image.dtype == np.uint8 else 16
+    if image.ndim == 3 and image.shape[2] == 1:
+        image = image[:, :, 0]
+    if image.ndim == 2:
+        return image, f"mono{bits}"
+    channels = image.shape[2]
+    if channels == 3 and order == "rgb":
+        image = cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
+    elif channels == 4:
+        image = cv2.cvtColor(image, cv2.COLOR_RGBA2BGR if order == "rgb" else cv2.COLOR_BGRA2BGR)
+    elif channels != 3:
+        raise ValueError(f"image.format {fmt!r}: decoded to {channels} channels")
+    return image, f"bgr{bits}"
+
+
+def encode_compressed(image: np.ndarray, codec: str = "jpeg", *, jpeg_quality: int = 95,
+                      png_level: int = 3) -> tuple[str, bytes]:
+    """Compress a ``bgr8`` (H, W, 3) or ``mono8`` (H, W) image as image_transport's compressed
+    publisher does (defaults: JPEG quality 95, PNG level 3).
+
+    Returns:
+        ``(format, data)`` with ``format`` as that publisher writes it, e.g.
+        ``"bgr8; jpeg compressed bgr8"`` or ``"mono8; png compressed mono8"``.
+    """
+    if codec not in COMPRESSED_CODECS:
+        raise ValueError(f"codec {codec!r} is not supported; expected one of "
+                         f"{list(COMPRESSED_CODECS)}")
+    arr = np.asarray(image)
+    if arr.dtype != np.uint8 or not (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] == 3)):
+        raise ValueError(f"expected a bgr8 (H, W, 3) or mono8 (H, W) uint8 image, got "
+                         f"{arr.dtype} {arr.shape}")
+    if not 0 <= jpeg_quality <= 100:
+        raise ValueError(f"jpeg quality must be in 0..100, got {jpeg_quality}")
+    encoding = "mono8" if arr.ndim == 2 else "bgr8"
+    if codec == "jpeg":
+        ok, buf = cv2.imencode(".jpg", arr, [int(cv2.IMWRITE_JPEG_QUALITY), int(jpeg_quality)])
+    else:
+        ok, buf = cv2.imencode(".png", arr, [int(cv2.IMWRITE_PNG_COMPRESSION), int(png_level)])
+    if not ok:
+        raise ValueError(f"cv2.imencode failed for a {encoding} {arr.shape} image as {codec}")
+    return f"{encoding}; {codec} compressed {encoding}", buf.tobytes()

@@ -10,7 +10,8 @@ from sensor_msgs.msg import CameraInfo, Image, RegionOfInterest
 from std_msgs.msg import Header
 
 from perception2d_ros.core.camera import CameraModel
-from perception2d_ros.core.image_codec import array_to_image_fields, image_to_array
+from perception2d_ros.core.image_codec import (array_to_image_fields, decode_compressed,
+                                               image_to_array)
 
 
 def copy_header(header: Header, frame_id: str | None = None) -> Header:
@@ -29,6 +30,19 @@ def ns_to_stamp(ns: int) -> Time:
 def image_msg_to_array(msg: Image) -> np.ndarray:
     """Zero-copy where the layout allows; ValueError naming the field on bad messages."""
     return image_to_array(msg)
+
+
+def is_compressed(msg: Any) -> bool:
+    """True for a ``sensor_msgs/CompressedImage`` (``format`` + ``data``, no ``encoding``)."""
+    return hasattr(msg, "format") and not hasattr(msg, "encoding")
+
+
+def decode_image_msg(msg: Any) -> tuple[np.ndarray, str]:
+    """``(pixels, encoding)`` of an Image (zero-copy view) or a CompressedImage (decoded
+    with ``cv2.imdecode`` to bgr8/mono8); ValueError naming the field on bad messages."""
+    if is_compressed(msg):
+        return decode_compressed(msg.format, msg.data)
+    return image_to_array(msg), msg.encoding
 
 
 def array_to_image_msg(array: np.ndarray, encoding: str, header: Header) -> Image:

@@ -28,7 +28,7 @@ from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackRet
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
 from rclpy.event_handler import SubscriptionEventCallbacks
 from rclpy.qos_overriding_options import QoSOverridingOptions
-from sensor_msgs.msg import CameraInfo, Image
+from sensor_msgs.msg import CameraInfo, CompressedImage, Image
 
 from perception2d_ros.core.flow import ApproximateSync, ErrorReporter, LatestSlot, error_key
 from perception2d_ros.core.pipeline import (INTERPOLATIONS, STAGE_GROUPS, STAGE_ORDER, Pipeline,
@@ -75,6 +75,7 @@ def _number(lo: float, hi: float = float("inf"), lo_open: bool = False) -> Any:
 #: set-parameters callback (runtime changes) and at configure (values given at start).
 PARAMETER_CHECKS: dict[str, Any] = {
     "input": _choice("raw", "rect"),
+    "image_transport": _choice("raw", "compressed"),
     "stages": lambda v: None if all(s in STAGE_ORDER for s in v) else
     f"{list(v)}: stages must be among {list(STAGE_ORDER)}",
     "interpolation": _choice(*INTERPOLATIONS),
@@ -127,6 +128,7 @@ class CameraIO:
         self.last_stamp: dict[str, int] = {}
         self.frames_in = 0
         self.frames_out = 0
+        self.input_topic = prefix  # the resolved image topic, set when subscribed
         self.pending: dict[int, dict[str, Any]] = {}  # stamp → image/detections awaiting pair
 
     def topic(self, rel: str) -> str:
@@ -170,6 +172,10 @@ class PerceptionNode(LifecycleNode):
         p("stages", d["stages"], _desc("stages to run, in order: rectify, detect, sam, clip, lseg"))
         p("input", spec["input"], _desc("raw: image_raw + camera_info (synced); rect: image_rect"
                                         " (+ camera_info_rect for ground positions)"))
+        p("image_transport", "raw", _desc(
+            "image input transport (image_transport's convention, applied on activate): raw "
+            "(sensor_msgs/Image on image_raw / image_rect) | compressed (sensor_msgs/"
+            "CompressedImage on <image topic>/compressed, jpeg or png, decoded to bgr8/mono8)"))
         p("cameras", [""], _desc("camera namespaces served by this one process and one model per "
                                  "kind, relative to the node namespace ([''] = the node's own); "
                                  "e.g. [left, right] → left/image_raw, right/image_raw …"))
@@ -295,13 +301,23 @@ class PerceptionNode(LifecycleNode):
         events = SubscriptionEventCallbacks(incompatible_qos=self._on_incompatible_qos)
         override = QoSOverridingOptions.with_default_policies()
         slop = int(self.get_parameter("sync_slop_ms").value * 1e6)
+        compressed = self.get_parameter("image_transport").value == "compressed"
+        image_type = CompressedImage if compressed else Image
+
+        def image_topic(cam: CameraIO, rel: str) -> str:
+            # image_transport's rule: the base topic (remappings applied) + "/compressed"
+            base = self.resolve_topic_name(cam.topic(rel))
+            cam.input_topic = f"{base}/compressed" if compressed else base
+            return cam.input_topic
+
         for cam in self.cams:
             cam.slot = LatestSlot(self._wake)
             if input_mode == "raw":
                 cam.sync = ApproximateSync(lambda i, c, cam=cam: self._on_pair(cam, i, c),
                                            slop_ns=slop)
                 self._subs.append(self.create_subscription(
-                    Image, cam.topic("image_raw"), lambda m, cam=cam: self._on_image(cam, m),
+                    image_type, image_topic(cam, "image_raw"),
+                    lambda m, cam=cam: self._on_image(cam, m),
                     qos, event_callbacks=events, qos_overriding_options=override))
                 self._subs.append(self.create_subscription(
                     CameraInfo, cam.topic("camera_info"), cam.sync.add_info, qos,
@@ -309,7 +325,8 @@ class PerceptionNode(LifecycleNode):
             else:
                 cam.sync = None
                 self._subs.append(self.create_subscription(
-                    Image, cam.topic("image_rect"), lambda m, cam=cam: self._on_rect_image(cam, m),
+                    image_type, image_topic(cam, "image_rect"),
+                    lambda m, cam=cam: self._on_rect_image(cam, m),
                     qos, event_callbacks=events, qos_overriding_options=override))
                 if self._needs_detections_input():
                     from vision_msgs.msg import Detection2DArray
@@ -522,7 +539,7 @@ class PerceptionNode(LifecycleNode):
                 except Exception as exc:  # bad input or a stage failure: log, count, go on
                     self.errors.report(error_key(exc), f"frame {image_msg.header.stamp.sec}."
                                        f"{image_msg.header.stamp.nanosec:09d} on "
-                                       f"'{cam.prefix or self.get_namespace()}' dropped: {exc}")
+                                       f"{cam.input_topic} dropped: {exc}")
             if not served:
                 self._wake.wait(0.2)
 

@@ -74,16 +74,18 @@ class FrameRunner:
     def run(self, image_msg: Any, info_msg: Any, detections_msg: Any = None
             ) -> tuple[Frame, list[tuple[str, Any]]]:
         """Raises ValueError naming the field for bad input (nothing is published then).
-        ``detections_msg``: upstream detections (separate sam/clip nodes) for this frame."""
-        image = conv.image_msg_to_array(image_msg)
+        ``image_msg``: a sensor_msgs/Image or CompressedImage (decoded here, in the caller's
+        worker thread). ``detections_msg``: upstream detections (separate sam/clip nodes)."""
+        image, encoding = conv.decode_image_msg(image_msg)
+        height, width = image.shape[:2]
         camera = None
         if info_msg is not None:
             camera = self.cameras.get(info_msg)
-            if tuple(camera.image_size) != (image_msg.width, image_msg.height):
+            if tuple(camera.image_size) != (width, height):
                 raise ValueError(
                     f"camera_info.size {camera.image_size[0]}x{camera.image_size[1]} (after "
-                    f"binning/ROI) does not match image {image_msg.width}x{image_msg.height}")
-        frame = Frame(image=image, encoding=image_msg.encoding,
+                    f"binning/ROI) does not match image {width}x{height}")
+        frame = Frame(image=image, encoding=encoding,
                       stamp_ns=conv.stamp_to_ns(image_msg.header.stamp),
                       frame_id=image_msg.header.frame_id, camera=camera)
         if detections_msg is not None:
