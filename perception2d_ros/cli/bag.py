@@ -1,9 +1,13 @@
 """``perception2d bag``: make, play, record and inspect rosbag2 bags (MCAP by default).
 
-* ``bag make`` turns an image folder or a video plus a camera_info YAML into a bag with
-  ``<ns>/image_raw`` (bgr8) and ``<ns>/camera_info`` at evenly spaced, real timestamps;
+* ``bag make`` turns an image folder or a video plus a calibration YAML into a bag with
+  ``<ns>/image_raw`` (bgr8; or ``<ns>/image_raw/compressed`` with ``--format jpeg|png``, as
+  image_transport's compressed publisher writes it) and ``<ns>/camera_info`` at evenly
+  spaced, real timestamps;
 * ``bag play`` / ``bag record`` move bags to and from live ROS 2 topics (rclpy);
-* ``bag info`` summarises a bag (``--json`` for machines).
+* ``bag info`` summarises a bag and its camera streams (``--json`` for machines).
+
+ROS 1 ``.bag`` files are read by ``play`` and ``info`` (messages converted to ROS 2).
 """
 from __future__ import annotations
 
@@ -126,15 +130,23 @@ def make_bag(
     start_time_ns: int | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    image_format: str = "raw",
+    jpeg_quality: int = 95,
 ) -> dict[str, Any]:
     """Write a camera bag: ``<ns>/image_raw`` (bgr8) + one ``<ns>/camera_info`` per image.
+
+    With ``image_format`` ``jpeg`` or ``png`` the images go to ``<ns>/image_raw/compressed``
+    as sensor_msgs/CompressedImage, format ``"bgr8; jpeg compressed bgr8"`` (resp. png) as
+    image_transport's compressed publisher writes it — what camera bags recorded on robots
+    hold.
 
     Both messages of frame ``i`` carry the same header (stamp ``start + i / rate``, frame id)
     and are stored with that stamp as the bag time.
 
     Args:
         out: output bag (``.mcap``/``.db3`` file or a rosbag2 directory).
-        camera_info: camera_info YAML (``CameraModel.from_yaml``).
+        camera_info: calibration YAML (``CameraModel.from_yaml``: camera_calibration_parsers
+            layout or a ROS 1 / ROS 2 CameraInfo dump).
         images: directory of images (read in file-name order) — or
         video: a video file (frames in order).
         rate: frames per second; defaults to the video's frame rate (required for images).
@@ -146,6 +158,8 @@ def make_bag(
         start_time_ns: stamp of the first frame (default: now).
         overwrite: replace an existing output.
         progress: tqdm bar on stderr.
+        image_format: ``raw`` (sensor_msgs/Image), ``jpeg`` or ``png`` (CompressedImage).
+        jpeg_quality: JPEG quality 0..100 (image_transport's default, 95).
 
     Returns:
         ``{"path", "storage", "frames", "rate", "start_ns", "end_ns", "topics"}``.
@@ -157,8 +171,15 @@ def make_bag(
     import cv2
     from tqdm import tqdm
 
-    from perception2d_ros.core.bagio import BagWriter, camera_info_msg, image_msg
+    from perception2d_ros.core.bagio import (BagWriter, camera_info_msg, compressed_image_msg,
+                                             image_msg)
+    from perception2d_ros.core.image_codec import COMPRESSED_CODECS, encode_compressed
 
+    if image_format not in ("raw", *COMPRESSED_CODECS):
+        raise ValueError(f"image format must be raw, {' or '.join(COMPRESSED_CODECS)}, got "
+                         f"{image_format!r}")
+    if not 0 <= jpeg_quality <= 100:
+        raise ValueError(f"jpeg quality must be in 0..100, got {jpeg_quality}")
     if (images is None) == (video is None):
         raise ValueError("give exactly one of images (a directory) or video (a file)")
     if limit is not None and limit < 1:
@@ -206,11 +227,14 @@ def make_bag(
     start_ns = time.time_ns() if start_time_ns is None else int(start_time_ns)
     if start_ns < 0:
         raise ValueError(f"start time must be >= 0, got {start_ns} ns")
-    image_topic, info_topic = f"{ns}/image_raw", f"{ns}/camera_info"
+    compressed = image_format != "raw"
+    image_topic = f"{ns}/image_raw/compressed" if compressed else f"{ns}/image_raw"
+    info_topic = f"{ns}/camera_info"
     written = 0
     last_ns = start_ns
     with BagWriter(out, storage, overwrite=overwrite) as bag:
-        bag.add_topic(image_topic, "sensor_msgs/msg/Image")
+        bag.add_topic(image_topic, "sensor_msgs/msg/CompressedImage" if compressed
+                      else "sensor_msgs/msg/Image")
         bag.add_topic(info_topic, "sensor_msgs/msg/CameraInfo")
         bar = tqdm(total=total, desc=f"bag make {Path(out).name}", unit="frame",
                    file=sys.stderr, disable=not progress)
@@ -230,7 +254,12 @@ def make_bag(
                 if frame.ndim == 2:
                     frame = cv2.cvtColor(frame, cv2.COLOR_GRAY2BGR)
                 stamp = start_ns + round(written * 1e9 / rate)
-                bag.write(image_topic, stamp, image_msg(bag.typestore, frame, stamp, frame_id))
+                if compressed:
+                    fmt, data = encode_compressed(frame, image_format, jpeg_quality=jpeg_quality)
+                    msg = compressed_image_msg(bag.typestore, fmt, data, stamp, frame_id)
+                else:
+                    msg = image_msg(bag.typestore, frame, stamp, frame_id)
+                bag.write(image_topic, stamp, msg)
                 bag.write(info_topic, stamp, camera_info_msg(bag.typestore, info, stamp, frame_id))
                 last_ns = stamp
                 written += 1
@@ -248,6 +277,7 @@ def make_bag(
         "start_ns": start_ns,
         "end_ns": last_ns,
         "topics": [image_topic, info_topic],
+        "format": image_format,
     }
 
 
@@ -276,6 +306,13 @@ def format_info(info: dict[str, Any]) -> str:
         qos_text = f"  [{qos['reliability']}, {qos['durability']}]" if qos else ""
         lines.append(f"  {name:<{width_name}}  {topic['type']:<{width_type}}  "
                      f"{topic['count']:>8} msgs{qos_text}")
+    cameras = info.get("cameras") or []
+    if cameras:
+        lines.append("Cameras:")
+    for cam in cameras:
+        kind = cam["transport"] + (f" ({cam['format']})" if cam.get("format") else "")
+        calib = cam["camera_info"] or "no camera_info"
+        lines.append(f"  {cam['image']}  {kind}, {cam['frames']} frames, {calib}")
     return "\n".join(lines)
 
 
@@ -295,7 +332,8 @@ def _cmd_make(args: argparse.Namespace) -> int:
             args.out, args.camera_info, images=args.images, video=args.video, rate=args.rate,
             frame_id=args.frame_id, storage=args.storage, namespace=args.namespace,
             limit=args.limit, resize=parse_size(args.resize) if args.resize else None,
-            start_time_ns=start_ns, overwrite=args.overwrite,
+            start_time_ns=start_ns, overwrite=args.overwrite, image_format=args.format,
+            jpeg_quality=args.jpeg_quality,
         )
     except _ERRORS as exc:
         return _error(args, exc)
@@ -374,7 +412,13 @@ def add_parser(subparsers: Any) -> None:
     src.add_argument("--images", metavar="DIR", help="directory of images (sorted by name)")
     src.add_argument("--video", metavar="FILE", help="video file")
     make.add_argument("--camera-info", metavar="YAML", required=True,
-                      help="camera_info calibration YAML")
+                      help="calibration YAML: camera_calibration_parsers layout, or a CameraInfo "
+                           "dump (`ros2 topic echo --once …/camera_info`, `rostopic echo -n1`)")
+    make.add_argument("--format", choices=["raw", "jpeg", "png"], default="raw",
+                      help="raw: sensor_msgs/Image on <ns>/image_raw (default); jpeg/png: "
+                           "sensor_msgs/CompressedImage on <ns>/image_raw/compressed")
+    make.add_argument("--jpeg-quality", metavar="Q", type=int, default=95,
+                      help="JPEG quality for --format jpeg (95, image_transport's default)")
     make.add_argument("--rate", metavar="HZ", type=_positive_float,
                       help="frame rate (default: the video's; required for --images)")
     make.add_argument("--frame-id", metavar="ID", default="camera",
@@ -393,7 +437,7 @@ def add_parser(subparsers: Any) -> None:
     make.set_defaults(func=_cmd_make)
 
     play = sub.add_parser("play", help="publish a bag with its recorded timing")
-    play.add_argument("bag", metavar="IN", help="bag directory or .mcap/.db3 file")
+    play.add_argument("bag", metavar="IN", help="bag directory, .mcap/.db3 file or ROS 1 .bag")
     play.add_argument("--rate", type=_positive_float, default=1.0, help="speed factor (1.0)")
     play.add_argument("--loop", action="store_true", help="repeat until interrupted")
     play.add_argument("--topics", nargs="+", metavar="TOPIC", help="only these topics")
@@ -421,6 +465,6 @@ def add_parser(subparsers: Any) -> None:
     rec.set_defaults(func=_cmd_record, accepts_ros_args=True)
 
     info = sub.add_parser("info", help="summarise a bag")
-    info.add_argument("bag", metavar="IN", help="bag directory or .mcap/.db3 file")
+    info.add_argument("bag", metavar="IN", help="bag directory, .mcap/.db3 file or ROS 1 .bag")
     info.add_argument("--json", action="store_true", help="machine-readable JSON")
     info.set_defaults(func=_cmd_info)

@@ -1,6 +1,11 @@
 """``perception2d process IN_BAG -o OUT.mcap [--params-file FILE]``: run the pipeline over a
 recorded bag as fast as it can, without DDS. Writes the input topics it used plus every output
-topic (same names and types as live; output headers equal their input frame's header)."""
+topic (same names and types as live; output headers equal their input frame's header).
+
+The input may be a rosbag2 bag (MCAP, sqlite3) or a ROS 1 ``.bag``; the output is always a
+ROS 2 bag. The camera stream is found by itself: ``<ns>/image_raw`` (sensor_msgs/Image) or
+``<ns>/image_raw/compressed`` (sensor_msgs/CompressedImage, jpeg/png, decoded to bgr8), else
+any image topic with a camera_info beside it (``--image-topic`` to pick one)."""
 from __future__ import annotations
 
 import argparse
@@ -11,11 +16,15 @@ from pathlib import Path
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("process", help="run the pipeline over a recorded bag (offline)")
-    p.add_argument("bag", help="input bag (.mcap, .db3 or rosbag2 directory)")
+    p.add_argument("bag", help="input bag (.mcap, .db3, rosbag2 directory or ROS 1 .bag)")
     p.add_argument("-o", "--output", required=True, help="output bag (.mcap)")
     p.add_argument("--params-file", default=None)
     p.add_argument("--namespace", default=None,
-                   help="camera namespace (default: the one of the bag's */image_raw topic)")
+                   help="camera namespace (default: the one of the bag's */image_raw or "
+                        "*/image_raw/compressed topic)")
+    p.add_argument("--image-topic", default=None,
+                   help="the image topic to use (an Image or …/compressed CompressedImage "
+                        "topic; default: found by itself)")
     p.add_argument("--debug-image", action="store_true", help="also write debug_image")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=run)
@@ -26,7 +35,8 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = pipeline_config(args.params_file)
     stats = process_bag(args.bag, args.output, cfg, namespace=args.namespace,
-                        debug_image=args.debug_image, overwrite=args.overwrite)
+                        debug_image=args.debug_image, overwrite=args.overwrite,
+                        image_topic=args.image_topic)
     print(f"processed {stats['frames_out']}/{stats['frames_in']} frames "
           f"({stats['errors']} rejected) in {stats['seconds']:.1f} s -> {args.output}")
     return 0 if stats["frames_out"] else 1
@@ -34,26 +44,42 @@ def run(args: argparse.Namespace) -> int:
 
 def process_bag(in_path: str | Path, out_path: str | Path, cfg: dict, *,
                 namespace: str | None = None, debug_image: bool = False,
-                overwrite: bool = False, progress: bool = True) -> dict:
+                overwrite: bool = False, progress: bool = True,
+                image_topic: str | None = None) -> dict:
     from rclpy.serialization import deserialize_message, serialize_message
-    from sensor_msgs.msg import CameraInfo, Image
+    from sensor_msgs.msg import CameraInfo, CompressedImage, Image
     from tqdm import tqdm
 
-    from perception2d_ros.core.bagio import BagReader, BagWriter, find_interface_dirs
+    from perception2d_ros.core.bagio import (BagReader, BagWriter, find_camera_topics,
+                                             find_interface_dirs, storage_for_path)
     from perception2d_ros.core.flow import ApproximateSync
     from perception2d_ros.core.pipeline import build_pipeline
     from perception2d_ros.ros.publishing import TOPIC_TYPES, FrameRunner
 
     msg_dirs = find_interface_dirs()
+    try:
+        storage_for_path(out_path)
+    except ValueError as exc:
+        raise SystemExit(f"perception2d process: {exc}") from None
     pipeline = build_pipeline(cfg, log=lambda m: print(m, file=sys.stderr))
     runner = FrameRunner(pipeline, cfg, debug_image=debug_image)
     raw_input = "rectify" in pipeline.names
     with BagReader(in_path, msg_dirs=msg_dirs) as reader:
         topics = reader.topics
-        image_topic = _find(topics, "/image_raw" if raw_input else "/image_rect", namespace)
-        info_topic = _find(topics, "/camera_info" if raw_input else "/camera_info_rect",
-                           namespace, required=raw_input)
-        ns = image_topic.rsplit("/", 1)[0]
+        try:
+            cam = find_camera_topics(topics, rectified=not raw_input, namespace=namespace,
+                                     image_topic=image_topic)
+        except ValueError as exc:
+            raise SystemExit(f"perception2d process: {exc}") from None
+        if raw_input and cam.camera_info is None:
+            raise SystemExit(f"perception2d process: no sensor_msgs/CameraInfo topic "
+                             f"{cam.namespace}/camera_info beside {cam.image} (rectify needs "
+                             "the calibration)")
+        image_topic, info_topic, ns = cam.image, cam.camera_info, cam.namespace
+        image_cls = CompressedImage if cam.transport == "compressed" else Image
+        print(f"input: {image_topic} ({cam.transport})"
+              + (f" + {info_topic}" if info_topic else "")
+              + (" [ROS 1 bag]" if reader.is_ros1 else ""), file=sys.stderr)
         with BagWriter(out_path, msg_dirs=msg_dirs, overwrite=overwrite) as writer:
             for t in (image_topic, info_topic):
                 if t:
@@ -97,7 +123,7 @@ def process_bag(in_path: str | Path, out_path: str | Path, cfg: dict, *,
                 writer.write(msg.topic, msg.timestamp_ns, msg.rawdata)
                 if msg.topic == image_topic:
                     stats["frames_in"] += 1
-                    img = deserialize_message(bytes(msg.rawdata), Image)
+                    img = deserialize_message(bytes(msg.rawdata), image_cls)
                     if info_topic:
                         sync.add_image((msg.timestamp_ns, img))
                     else:
@@ -113,14 +139,3 @@ def process_bag(in_path: str | Path, out_path: str | Path, cfg: dict, *,
 
 def _stamp(msg) -> int:
     return int(msg.header.stamp.sec) * 1_000_000_000 + int(msg.header.stamp.nanosec)
-
-
-def _find(topics: dict, suffix: str, namespace: str | None, required: bool = True) -> str | None:
-    cands = [t for t in topics if t.endswith(suffix)
-             and (namespace is None or t == namespace.rstrip("/") + suffix)]
-    if not cands:
-        if required:
-            raise SystemExit(f"no topic ending in {suffix} in the bag "
-                             f"(topics: {', '.join(topics)})")
-        return None
-    return sorted(cands)[0]

@@ -1,4 +1,5 @@
-"""ROS-free rosbag2 reading and writing on top of ``rosbags`` (MCAP by default, sqlite3 optional).
+"""ROS-free rosbag2 reading and writing on top of ``rosbags`` (MCAP by default, sqlite3 optional);
+reading ROS 1 ``.bag`` files too (their messages come out as ROS 2 CDR).
 
 Everything here works without a ROS installation: messages are (de)serialised with the
 ``rosbags`` ROS2_KILTED typestore, optionally extended with project message types parsed from
@@ -10,6 +11,12 @@ Output layout (:class:`BagWriter`):
   Foxglove and ``mcap_ros2`` read it directly);
 * any other ``OUT`` -> a rosbag2 directory ``OUT/`` with ``metadata.yaml`` and
   ``OUT/<name>.mcap`` (or ``.db3``), the layout ``ros2 bag record`` produces.
+
+ROS 1 bags (:class:`BagReader` recognises them by their ``#ROSBAG V2.0`` header) are read with
+``rosbags.rosbag1``; every message is converted to the ROS 2 type of the same name (ROS 1
+``sensor_msgs/CompressedImage`` -> ``sensor_msgs/msg/CompressedImage``, ``CameraInfo``'s
+``D, K, R, P`` -> ``d, k, r, p``, ``Header.seq`` dropped) with rosbags' own converter, the one
+``rosbags-convert`` uses, so consumers see the same CDR bytes as from a ROS 2 bag.
 
 Writing is atomic: data goes to a hidden sibling directory and is moved into place on a
 successful :meth:`BagWriter.close`; an exception inside the ``with`` block discards it.
@@ -35,6 +42,7 @@ from rosbags.interfaces import (
     QosReliability,
     QosTime,
 )
+from rosbags.rosbag1 import Reader as Ros1Reader
 from rosbags.rosbag2 import Reader, StoragePlugin, Writer
 from rosbags.typesys import Stores, get_types_from_msg, get_typestore
 
@@ -43,9 +51,14 @@ __all__ = [
     "BagReader",
     "BagWriter",
     "BagMessage",
+    "CameraTopics",
     "TopicMeta",
     "bag_info",
+    "find_camera_topics",
+    "image_streams",
+    "is_ros1_bag",
     "camera_info_msg",
+    "compressed_image_msg",
     "default_qos_name",
     "find_interface_dirs",
     "image_msg",
@@ -79,6 +92,10 @@ _ENCODINGS: dict[str, tuple[str, int]] = {
 }
 
 _REPO_DIR = Path(__file__).resolve().parents[2]
+_ROS1_MAGIC = b"#ROSBAG V2.0"
+IMAGE_TYPE = "sensor_msgs/msg/Image"
+COMPRESSED_IMAGE_TYPE = "sensor_msgs/msg/CompressedImage"
+CAMERA_INFO_TYPE = "sensor_msgs/msg/CameraInfo"
 
 
 # --------------------------------------------------------------------------------------------
@@ -306,6 +323,17 @@ def image_msg(
     )
 
 
+def compressed_image_msg(typestore: Any, fmt: str, data: bytes, stamp_ns: int,
+                         frame_id: str) -> Any:
+    """A rosbags ``sensor_msgs/msg/CompressedImage`` (``format`` as image_transport writes it,
+    e.g. from :func:`perception2d_ros.core.image_codec.encode_compressed`)."""
+    if not data:
+        raise ValueError("compressed image data is empty")
+    cls = typestore.types[COMPRESSED_IMAGE_TYPE]
+    return cls(header=_header(typestore, stamp_ns, frame_id), format=str(fmt),
+               data=np.frombuffer(bytes(data), dtype=np.uint8))
+
+
 def image_to_numpy(msg: Any) -> np.ndarray:
     """Pixels of a ``sensor_msgs/Image`` (rosbags, rclpy or mcap_ros2 object) as an array.
 
@@ -385,6 +413,9 @@ def storage_for_path(path: str | os.PathLike[str], storage: str | None = None) -
         ValueError: unknown storage, or a ``.mcap``/``.db3`` suffix contradicting ``storage``.
     """
     suffix = Path(path).suffix.lower()
+    if suffix == ".bag":
+        raise ValueError(f"output {str(path)!r}: ROS 1 .bag output is not supported; write a "
+                         "ROS 2 bag (OUT.mcap, OUT.db3 or a directory)")
     inferred = {".mcap": "mcap", ".db3": "sqlite3"}.get(suffix)
     if storage is None:
         return inferred or "mcap"
@@ -599,11 +630,75 @@ class BagMessage:
         return iter((self.topic, self.msgtype, self.timestamp_ns, self.rawdata))
 
 
+def is_ros1_bag(path: str | os.PathLike[str]) -> bool:
+    """True when ``path`` is a ROS 1 bag file (starts with ``#ROSBAG V2.0``)."""
+    p = Path(path)
+    if not p.is_file():
+        return False
+    with p.open("rb") as f:
+        return f.read(len(_ROS1_MAGIC)) == _ROS1_MAGIC
+
+
+class _Ros1ToCdr:
+    """Converts the raw ROS 1 messages of a bag to ROS 2 CDR of the same-named ROS 2 type.
+
+    The source types come from the message definitions stored in the bag (every ROS 1 bag
+    carries them); the destination is the reader's ROS 2 typestore. Types with the same wire
+    format (all of sensor_msgs, geometry_msgs, tf2_msgs, …: only ``Header.seq`` differs) are
+    converted byte-level by ``Typestore.ros1_to_cdr``; others are migrated field by field;
+    types with no ROS 2 counterpart keep their ROS 1 definition — as ``rosbags-convert``
+    does, with its functions.
+    """
+
+    def __init__(self, connections: Sequence[Any], typestore: Any) -> None:
+        from rosbags.convert.converter import is_same_wireformat, migrate_bytes
+
+        self._same = is_same_wireformat
+        self._migrate = migrate_bytes
+        self.src = get_typestore(Stores.EMPTY)
+        types: dict[str, Any] = {}
+        for conn in connections:
+            if conn.msgdef.format == MessageDefinitionFormat.MSG and conn.msgdef.data:
+                types.update(get_types_from_msg(conn.msgdef.data, conn.msgtype))
+        if not types:  # no definitions stored: assume the ROS 1 Noetic ones
+            types = dict(get_typestore(Stores.ROS1_NOETIC).fielddefs)
+        self.src.register(types)
+        self.dst = typestore
+        self._cache: dict[str, object] = {}
+        self._funcs: dict[str, Any] = {}
+
+    def _func(self, msgtype: str) -> Any:
+        func = self._funcs.get(msgtype)
+        if func is not None:
+            return func
+        if msgtype not in self.src.fielddefs:
+            raise KeyError(f"the ROS 1 bag has no definition of {msgtype}")
+        if msgtype not in self.dst.fielddefs:
+            typs = get_types_from_msg(self.src.generate_msgdef(msgtype, ros_version=2)[0],
+                                      msgtype)
+            typs.pop("std_msgs/msg/Header", None)
+            self.dst.register({k: v for k, v in typs.items() if k not in self.dst.fielddefs})
+        if self._same(self.src, self.dst, msgtype, msgtype):
+            def func(raw: bytes, _t: str = msgtype) -> Any:
+                return self.dst.ros1_to_cdr(raw, _t)
+        else:
+            def func(raw: bytes, _t: str = msgtype) -> Any:
+                return self._migrate(self.src, self.dst, _t, _t, self._cache, raw,
+                                     src_is2=False, dst_is2=True)
+        self._funcs[msgtype] = func
+        return func
+
+    def __call__(self, msgtype: str, raw: bytes | memoryview) -> bytes:
+        return bytes(self._func(msgtype)(raw))
+
+
 class BagReader:
-    """Read a rosbag2 directory or a bare ``.mcap`` / ``.db3`` file (context manager).
+    """Read a rosbag2 directory, a bare ``.mcap`` / ``.db3`` file or a ROS 1 ``.bag`` file
+    (context manager).
 
     Iterating yields :class:`BagMessage` tuples ``(topic, msgtype, timestamp_ns, rawdata)``
-    in timestamp order.
+    in timestamp order; ``rawdata`` is ROS 2 CDR for every kind of bag (ROS 1 messages are
+    converted, see the module docstring), ``msgtype`` the ROS 2 name (``pkg/msg/Type``).
     """
 
     def __init__(
@@ -618,20 +713,31 @@ class BagReader:
         if not self.path.exists():
             raise FileNotFoundError(f"bag {self.path} does not exist")
         self.typestore = typestore if typestore is not None else make_typestore(msg_dirs)
-        self._reader: Reader | None = None
+        self.is_ros1 = is_ros1_bag(self.path)
+        self._reader: Any = None
+        self._ros1: _Ros1ToCdr | None = None
 
     def open(self) -> BagReader:
         """Open the bag and register message types that are only defined inside it."""
         if self._reader is not None:
             raise RuntimeError("BagReader is already open")
         try:
-            reader = Reader(self.path)
+            reader = Ros1Reader(self.path) if self.is_ros1 else Reader(self.path)
             reader.open()
         except FileNotFoundError:
             raise
         except Exception as exc:
             raise ValueError(f"cannot open bag {self.path}: {exc}") from exc
         self._reader = reader
+        if self.is_ros1:
+            try:
+                self._ros1 = _Ros1ToCdr(reader.connections, self.typestore)
+            except Exception as exc:
+                reader.close()
+                self._reader = None
+                raise ValueError(f"cannot read the message definitions of ROS 1 bag "
+                                 f"{self.path}: {exc}") from exc
+            return self
         for conn in reader.connections:
             if conn.msgtype in self.typestore.fielddefs:
                 continue
@@ -654,7 +760,7 @@ class BagReader:
         if reader is not None:
             reader.close()
 
-    def _require_open(self) -> Reader:
+    def _require_open(self) -> Any:
         if self._reader is None:
             raise RuntimeError("BagReader is not open (use it as a context manager or call open())")
         return self._reader
@@ -662,7 +768,9 @@ class BagReader:
     # -- metadata ----------------------------------------------------------------------------
     @property
     def storage(self) -> str:
-        """``"mcap"`` or ``"sqlite3"``."""
+        """``"mcap"``, ``"sqlite3"`` or ``"rosbag1"``."""
+        if self.is_ros1:
+            return "rosbag1"
         if self.path.is_dir():
             if any(self.path.glob("*.db3")):
                 return "sqlite3"
@@ -671,7 +779,7 @@ class BagReader:
 
     @property
     def topics(self) -> dict[str, TopicMeta]:
-        """Topics by name, sorted by name."""
+        """Topics by name, sorted by name (ROS 1 latched topics get the latched QoS)."""
         reader = self._require_open()
         out: dict[str, TopicMeta] = {}
         for name, info in sorted(reader.topics.items()):
@@ -679,6 +787,8 @@ class BagReader:
             for conn in info.connections:
                 if isinstance(conn.ext, ConnectionExtRosbag2):
                     qos.extend(conn.ext.offered_qos_profiles)
+                elif getattr(conn.ext, "latching", 0):
+                    qos.extend(qos_preset("latched"))
             msgtype = info.msgtype or ",".join(sorted({c.msgtype for c in info.connections}))
             out[name] = TopicMeta(name, msgtype, int(info.msgcount), qos)
         return out
@@ -722,8 +832,10 @@ class BagReader:
             conns = [c for c in conns if c.topic in wanted]
             if not conns:
                 return
+        convert = self._ros1
         for conn, timestamp, data in reader.messages(conns, start=start_ns, stop=stop_ns):
-            yield BagMessage(conn.topic, conn.msgtype, int(timestamp), bytes(data))
+            raw = convert(conn.msgtype, data) if convert is not None else bytes(data)
+            yield BagMessage(conn.topic, conn.msgtype, int(timestamp), raw)
 
     def __iter__(self) -> Iterator[BagMessage]:
         return self.messages()
@@ -743,6 +855,115 @@ class BagReader:
             )
 
 
+# --------------------------------------------------------------------------------------------
+# camera topics
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class CameraTopics:
+    """The camera streams of a bag: ``image`` (an Image or a CompressedImage topic),
+    ``transport`` (``"raw"`` / ``"compressed"``, image_transport's names), the matching
+    ``camera_info`` (None when absent) and ``namespace`` (where outputs go)."""
+
+    image: str
+    transport: str
+    camera_info: str | None
+    namespace: str
+
+    @property
+    def base(self) -> str:
+        """The image_transport base topic (``…/image_raw`` for ``…/image_raw/compressed``)."""
+        return self.image[: -len("/compressed")] if self.transport == "compressed" else self.image
+
+
+def _msgtype_of(meta: Any) -> str:
+    if isinstance(meta, str):
+        return meta
+    if isinstance(meta, Mapping):
+        return str(meta.get("type", ""))
+    return str(getattr(meta, "msgtype", ""))
+
+
+def image_streams(topics: Mapping[str, Any]) -> list[CameraTopics]:
+    """Every camera image topic of a bag (Image topics and ``…/compressed`` CompressedImage
+    topics), each with the CameraInfo topic of its namespace (``camera_info``, or for
+    ``image_rect`` ``camera_info_rect`` first), sorted by topic.
+
+    ``topics`` maps topic names to a :class:`TopicMeta`, a :func:`bag_info` topic dict or a
+    type name.
+    """
+    types = {name: _msgtype_of(meta) for name, meta in topics.items()}
+    out = []
+    for name, msgtype in sorted(types.items()):
+        if msgtype == IMAGE_TYPE:
+            transport, base = "raw", name
+        elif msgtype == COMPRESSED_IMAGE_TYPE and name.endswith("/compressed"):
+            transport, base = "compressed", name[: -len("/compressed")]
+        else:
+            continue
+        ns, leaf = base.rsplit("/", 1) if "/" in base else ("", base)
+        names = ["camera_info_rect", "camera_info"] if leaf == "image_rect" else ["camera_info"]
+        info = next((f"{ns}/{n}" for n in names if types.get(f"{ns}/{n}") == CAMERA_INFO_TYPE),
+                    None)
+        out.append(CameraTopics(name, transport, info, ns))
+    return out
+
+
+def find_camera_topics(
+    topics: Mapping[str, Any],
+    *,
+    rectified: bool = False,
+    namespace: str | None = None,
+    image_topic: str | None = None,
+) -> CameraTopics:
+    """The camera stream a pipeline should read from a bag, found by itself.
+
+    Preference: ``<ns>/image_raw`` (sensor_msgs/Image), then ``<ns>/image_raw/compressed``
+    (sensor_msgs/CompressedImage, image_transport's compressed format) — raw first, it needs
+    no decoding; with ``rectified`` (no rectify stage) ``image_rect`` before ``image_raw``.
+    Failing those, any image topic whose namespace has a ``camera_info`` (e.g. a driver's
+    ``…/image/compressed``). Ties are broken by topic name.
+
+    Args:
+        topics: topic name -> :class:`TopicMeta`, :func:`bag_info` topic dict or type name.
+        rectified: the images are used as they come (no rectify stage); camera_info is then
+            optional.
+        namespace: only streams in this namespace (``/camera``).
+        image_topic: exactly this topic (an Image or CompressedImage topic).
+
+    Raises:
+        ValueError: one line naming what was looked for and the image topics there are.
+    """
+    streams = image_streams(topics)
+    if image_topic is not None:
+        chosen = [s for s in streams if s.image == image_topic]
+        if not chosen:
+            raise ValueError(
+                f"{image_topic} is not a sensor_msgs/Image or …/compressed "
+                f"sensor_msgs/CompressedImage topic of the bag (image topics: "
+                f"{', '.join(s.image for s in streams) or 'none'})")
+        return chosen[0]
+    if namespace is not None:
+        ns = "/" + namespace.strip("/") if namespace.strip("/") else ""
+        streams_ns = [s for s in streams if s.namespace == ns]
+    else:
+        streams_ns = streams
+    leaves = ["image_rect", "image_raw"] if rectified else ["image_raw"]
+    for leaf in leaves:
+        named = [s for s in streams_ns if s.base.rsplit("/", 1)[-1] == leaf]
+        if named:
+            return sorted(named, key=lambda s: (s.transport != "raw", s.image))[0]
+    usable = [s for s in streams_ns if rectified or s.camera_info is not None]
+    if usable:
+        return sorted(usable, key=lambda s: (s.transport != "raw", s.image))[0]
+    where = f" in namespace {namespace}" if namespace is not None else ""
+    wanted = " or ".join(f"<ns>/{leaf} (Image) or <ns>/{leaf}/compressed (CompressedImage)"
+                         for leaf in leaves)
+    raise ValueError(
+        f"no camera image topic{where}: expected {wanted}"
+        + ("" if rectified else " with a <ns>/camera_info")
+        + f"; image topics in the bag: {', '.join(s.image for s in streams) or 'none'}")
+
+
 def _qos_to_dict(qos: Qos) -> dict[str, Any]:
     return {
         "history": qos.history.name.lower(),
@@ -757,8 +978,12 @@ def bag_info(path: str | os.PathLike[str]) -> dict[str, Any]:
 
     Returns:
         ``{"path", "storage", "message_count", "start_ns", "end_ns", "duration_ns",
-        "duration_s", "topics": {name: {"type", "count", "qos": [...]}}}``; ``start_ns`` and
-        ``end_ns`` are the first/last message timestamps (None when empty).
+        "duration_s", "topics": {name: {"type", "count", "qos": [...]}}, "cameras": [...]}``;
+        ``start_ns`` and ``end_ns`` are the first/last message timestamps (None when empty);
+        ``cameras`` lists the image streams (:func:`image_streams`): ``{"image",
+        "transport", "camera_info", "frames"}`` plus, for compressed ones, the ``format`` of
+        the first message (e.g. ``"bgr8; jpeg compressed bgr8"``). ``storage`` is
+        ``rosbag1`` for a ROS 1 bag.
     """
     with BagReader(path) as reader:
         span = reader.time_range()
@@ -769,6 +994,14 @@ def bag_info(path: str | os.PathLike[str]) -> dict[str, Any]:
                    "qos": [_qos_to_dict(q) for q in meta.qos]}
             for name, meta in reader.topics.items()
         }
+        cameras = []
+        for cam in image_streams(reader.topics):
+            entry: dict[str, Any] = {"image": cam.image, "transport": cam.transport,
+                                     "camera_info": cam.camera_info,
+                                     "frames": topics[cam.image]["count"]}
+            if cam.transport == "compressed":
+                entry["format"] = _first_format(reader, cam.image)
+            cameras.append(entry)
         return {
             "path": str(reader.path),
             "storage": reader.storage,
@@ -778,4 +1011,15 @@ def bag_info(path: str | os.PathLike[str]) -> dict[str, Any]:
             "duration_ns": duration,
             "duration_s": duration / 1e9,
             "topics": topics,
+            "cameras": cameras,
         }
+
+
+def _first_format(reader: BagReader, topic: str) -> str | None:
+    """``format`` of the first CompressedImage on ``topic`` (None if unreadable or empty)."""
+    for message in reader.messages([topic]):
+        try:
+            return str(reader.deserialize(message.rawdata, message.msgtype).format)
+        except Exception:  # noqa: BLE001 - a summary; process/play report bad messages
+            return None
+    return None
