@@ -84,7 +84,7 @@ def run(bag: Path | None, out_dir: Path, params_file: Path, frames: int, timeout
         pipeline: bool = True, rate: float = 1.0) -> int:
     from tqdm import tqdm
 
-    from perception2d_ros.core.bagio import bag_info, find_interface_dirs
+    from perception2d_ros.core.bagio import bag_info, find_camera_topics, find_interface_dirs
     from perception2d_ros.ros.bag_play import play
     from perception2d_ros.ros.bag_record import record
 
@@ -93,19 +93,24 @@ def run(bag: Path | None, out_dir: Path, params_file: Path, frames: int, timeout
         log("building the input bag from the repo's real images")
         bag = build_default_bag(out_dir / "input.mcap", frames)
     info = bag_info(bag)
-    image_topics = [t for t in info["topics"] if t.endswith("/image_raw")]
-    if not image_topics:
-        log(f"{bag}: no */image_raw topic (topics: {list(info['topics'])})")
+    try:  # <ns>/image_raw, <ns>/image_raw/compressed, … (rosbag2 or ROS 1 bags)
+        cam = find_camera_topics(info["topics"])
+    except ValueError as exc:
+        log(f"{bag}: {exc}")
         return 2
-    ns = image_topics[0].rsplit("/", 1)[0]
-    n_frames = info["topics"][image_topics[0]]["count"]
-    log(f"input: {bag} ({n_frames} frames on {image_topics[0]})")
+    if cam.camera_info is None:
+        log(f"{bag}: no sensor_msgs/CameraInfo {cam.namespace}/camera_info beside {cam.image}")
+        return 2
+    ns = cam.namespace
+    n_frames = info["topics"][cam.image]["count"]
+    log(f"input: {bag} ({n_frames} frames on {cam.image})")
     stages = stage_status(params_file)
     out_bag = out_dir / "output.mcap"
 
     bringup = subprocess.Popen(
         [sys.executable, "-m", "perception2d_ros.cli.main", "bringup", "--params-file",
-         str(params_file), "--namespace", ns, "--pipeline", "true" if pipeline else "false"],
+         str(params_file), "--namespace", ns, "--pipeline", "true" if pipeline else "false",
+         "--image-transport", cam.transport],
         start_new_session=True)
     stop = threading.Event()
     ready = threading.Event()
@@ -134,7 +139,7 @@ def run(bag: Path | None, out_dir: Path, params_file: Path, frames: int, timeout
         log("playing the bag through the nodes")
         play(bag, rate=rate, wait_subscribers=1, wait_timeout=timeout, progress=True,
              reliable=_reliable(params_file),
-             topics=[image_topics[0], f"{ns}/camera_info"])
+             topics=[cam.image, cam.camera_info])
         # wait for the last detections (the pipeline works behind the player)
         deadline = time.monotonic() + 30
         bar = tqdm(total=n_frames, desc="outputs", unit="frame", file=sys.stderr)
@@ -174,12 +179,14 @@ def summarize(in_bag: Path, out_bag: Path, out_dir: Path, ns: str, stages: dict,
     from vision_msgs.msg import Detection2DArray
     from diagnostic_msgs.msg import DiagnosticArray
 
-    from perception2d_ros.core.bagio import BagReader, bag_info, find_interface_dirs
+    from perception2d_ros.core.bagio import (BagReader, bag_info, find_camera_topics,
+                                             find_interface_dirs)
     from perception2d_ros.core.debug_draw import draw_detections
     from perception2d_ros.core.image_codec import image_to_array
 
     info_in = bag_info(in_bag)
-    frames_in = info_in["topics"][f"{ns}/image_raw"]["count"]
+    frames_in = info_in["topics"][find_camera_topics(info_in["topics"], namespace=ns).image][
+        "count"]
     rect: dict[int, Image] = {}
     dets: dict[int, Detection2DArray] = {}
     diag = None
