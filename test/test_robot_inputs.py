@@ -582,3 +582,17 @@ def test_bringup_image_transport_goes_to_camera_facing_nodes_only(tmp_path: Path
     params.write_text("/**:\n  ros__parameters:\n    stages: [detect]\n")
     (det,) = node_list(pipeline=False, params_file=params, image_transport="compressed")
     assert det.kind == "detector_node" and det.overrides["image_transport"] == "compressed"
+
+
+def test_ros1_bag_with_a_corrupt_message_is_a_clear_error(tmp_path: Path) -> None:
+    from rosbags.rosbag1 import Writer
+    from rosbags.typesys import Stores, get_typestore
+
+    path = tmp_path / "corrupt.bag"
+    with Writer(path) as bag:
+        conn = bag.add_connection("/cam/camera_info", "sensor_msgs/msg/CameraInfo",
+                                  typestore=get_typestore(Stores.ROS1_NOETIC))
+        bag.write(conn, 1, b"\x00" * 17)  # far too short for a CameraInfo
+    with BagReader(path) as reader, pytest.raises(ValueError) as err:
+        list(reader.messages())
+    assert "cannot convert a ROS 1 sensor_msgs/msg/CameraInfo message" in str(err.value)

@@ -689,7 +689,13 @@ class _Ros1ToCdr:
         return func
 
     def __call__(self, msgtype: str, raw: bytes | memoryview) -> bytes:
-        return bytes(self._func(msgtype)(raw))
+        """ROS 2 CDR of one raw ROS 1 message; ValueError naming the type if it is corrupt."""
+        try:
+            return bytes(self._func(msgtype)(raw))
+        except (KeyError, ValueError):
+            raise
+        except Exception as exc:  # rosbags' SerdeError and struct errors
+            raise ValueError(f"cannot convert a ROS 1 {msgtype} message: {exc}") from None
 
 
 class BagReader:
