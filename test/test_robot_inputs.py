@@ -596,3 +596,13 @@ def test_ros1_bag_with_a_corrupt_message_is_a_clear_error(tmp_path: Path) -> Non
     with BagReader(path) as reader, pytest.raises(ValueError) as err:
         list(reader.messages())
     assert "cannot convert a ROS 1 sensor_msgs/msg/CameraInfo message" in str(err.value)
+
+
+@pytest.mark.ros
+def test_image_transport_parameter_is_validated() -> None:
+    from perception2d_ros.ros.perception_node import check_parameter
+
+    assert check_parameter("image_transport", "compressed") is None
+    assert check_parameter("image_transport", "raw") is None
+    assert check_parameter("image_transport", "theora") == \
+        "image_transport: 'theora' must be one of raw, compressed"
