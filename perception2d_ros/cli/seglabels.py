@@ -53,7 +53,15 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                         "running the CLIP text encoder")
     p.add_argument("--other-threshold", type=float, default=None,
                    help="best cosine similarity below which a pixel is 'other'")
-    p.add_argument("--backend", default="auto", choices=["auto", "tensorrt", "onnxruntime"])
+    p.add_argument("--scales", default="1.0", metavar="LIST",
+                   help="lang-seg multi-size evaluation: comma-separated scales of the network "
+                        "input (default 1.0; 'official' = the lang-seg demo set 0.75,1.0,1.25,"
+                        "1.5,1.75,2.25). Each scale costs one network run per input-size window"
+                        " (x2 with --flip)")
+    p.add_argument("--flip", action="store_true",
+                   help="also evaluate the mirrored image and average (lang-seg's flip)")
+    p.add_argument("--backend", default="auto",
+                   choices=["auto", "tensorrt", "onnxruntime", "torch"])
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--precision", default="fp32", choices=["fp32", "fp16"])
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime CPU threads")
@@ -266,9 +274,16 @@ def _segmenter(onnx: Path, args: argparse.Namespace) -> Any:
     from perception2d_ros.core.engines import EngineConfig
     from perception2d_ros.core.lseg import LSegSegmenter
 
+    from perception2d_ros.core.lseg import parse_scales
+
     ecfg = EngineConfig(backend=args.backend, device=args.device, precision=args.precision,
                         threads=args.threads)
-    return LSegSegmenter.from_onnx(onnx, ecfg)
+    try:
+        scales = parse_scales(getattr(args, "scales", None) or (1.0,))
+    except ValueError as exc:
+        raise SegLabelsError(f"--{exc}") from None
+    return LSegSegmenter.from_onnx(onnx, ecfg, scales=scales, flip=bool(getattr(args, "flip",
+                                                                                 False)))
 
 
 def _list_images(items: Sequence[str]) -> list[Path]:

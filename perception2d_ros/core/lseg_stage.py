@@ -14,7 +14,10 @@ from perception2d_ros.core.stage_results import LabelFrameResult
 
 DEFAULTS = {"model": "lseg_demo_e200", "checkpoint": "", "backend": "auto", "device": "auto",
             "precision": "fp32", "input_size": 480, "text_model": "clip_vit_b32",
-            "templates": [""], "other_threshold": 0.0, "vocabulary": [""]}
+            "templates": [""], "other_threshold": 0.0, "vocabulary": [""],
+            # lang-seg's multi-size / mirrored evaluation (official demo set: [0.75, 1.0, 1.25,
+            # 1.5, 1.75, 2.25] + flip); one network run per window, scale and pass: offline use
+            "scales": [1.0], "flip": False}
 
 
 class LSegStage:
@@ -48,7 +51,11 @@ class LSegStage:
     def process(self, frame: Any) -> None:
         t0 = time.perf_counter()
         phrases, emb, version = self._vocab  # one consistent snapshot per frame
-        res = self.segmenter.segment(frame.bgr(), emb,
+        from perception2d_ros.core.gpu import on_device
+
+        device_bgr = getattr(frame, "device_bgr", None)
+        keep = on_device(device_bgr, getattr(self.segmenter, "device", None))
+        res = self.segmenter.segment(device_bgr if keep else frame.bgr(), emb,
                                      other_threshold=self.other_threshold or None,
                                      labels=phrases)
         frame.labels = LabelFrameResult(res.label_map, phrases, version,
@@ -60,8 +67,14 @@ def build_stage(cfg: dict[str, Any]) -> LSegStage:
     # model resolution and the CLIP text side are shared with `perception2d seglabels`
     from perception2d_ros.cli import seglabels as sl
 
+    from perception2d_ros.core.lseg import parse_scales
+
     lcfg = {**DEFAULTS, **(cfg.get("lseg") or {})}
-    args = SimpleNamespace(model=lcfg["model"], checkpoint=lcfg["checkpoint"] or None,
+    try:
+        scales = parse_scales(lcfg["scales"])
+    except ValueError as exc:
+        raise ValueError(f"lseg.{exc}") from None
+    args = SimpleNamespace(scales=scales, flip=bool(lcfg["flip"]), model=lcfg["model"], checkpoint=lcfg["checkpoint"] or None,
                            models_dir=cfg.get("models_dir") or None, cache_dir=None,
                            input_size=int(lcfg["input_size"]), backend=lcfg["backend"],
                            device=lcfg["device"], precision=lcfg["precision"], threads=None,

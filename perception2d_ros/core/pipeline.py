@@ -304,6 +304,13 @@ def validate_config(cfg: dict[str, Any]) -> None:
     if len(e.get("rotation_quaternion") or [0] * 4) != 4:
         raise ValueError("extrinsics.rotation_quaternion needs 4 values [x, y, z, w] "
                          "(all 0 = use rotation_rpy)")
+    if "lseg" in cfg:
+        from perception2d_ros.core.lseg import parse_scales
+
+        try:
+            parse_scales(cfg["lseg"].get("scales", [1.0]))
+        except ValueError as exc:
+            raise ValueError(f"lseg.{exc}") from None
 
 
 def build_pipeline(cfg: dict[str, Any], log: Callable[[str], None] = LOG.info) -> Pipeline:
