@@ -372,6 +372,15 @@ def _region_embeddings(regions: np.ndarray, text: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(text[regions].transpose(2, 0, 1))
 
 
+def _official_upsampled_regions(regions: np.ndarray, n: int) -> np.ndarray:
+    """Argmax of one-hot region logits after lang-seg's x2 upsample (align_corners=True)."""
+    import torch.nn.functional as F
+
+    onehot = torch.from_numpy(np.eye(n, dtype=np.float32)[regions].transpose(2, 0, 1))[None]
+    up = F.interpolate(onehot, scale_factor=2, mode="bilinear", align_corners=True)
+    return up[0].argmax(0).numpy()
+
+
 def test_constructed_regions_give_exact_label_map():
     text = _orthonormal(4)
     meta = L.LSegMeta(input_size=(96, 128))
@@ -382,8 +391,10 @@ def test_constructed_regions_give_exact_label_map():
     seg = L.LSegSegmenter(_FixedEngine(_region_embeddings(regions, text)), meta)
     img = np.zeros((96, 128, 3), np.uint8)
     res = seg.segment(img, text, return_confidence=True, labels=["a", "b", "c", "d"])
-    expected = np.repeat(np.repeat(regions, 2, 0), 2, 1)
+    expected = _official_upsampled_regions(regions, 4)
     np.testing.assert_array_equal(res.label_map, expected)
+    # the x2 align_corners upsample keeps every region; only region corners are cut
+    assert np.mean(expected == np.repeat(np.repeat(regions, 2, 0), 2, 1)) > 0.999
     # region interiors: cosine 1 with their phrase
     assert res.similarity[0, 0] == pytest.approx(1.0, abs=1e-5)
     # softmax of [14.29, 0, 0, 0]: confidence of the winner
@@ -522,7 +533,8 @@ def test_large_vocabulary_and_uint16():
     seg = L.LSegSegmenter(_FixedEngine(_region_embeddings(regions, text)), meta,
                           other_value=65535)
     res = seg.segment(np.zeros((40, 40, 3), np.uint8), text, return_confidence=True)
-    np.testing.assert_array_equal(res.label_map, np.repeat(np.repeat(regions, 2, 0), 2, 1))
+    np.testing.assert_array_equal(res.label_map, _official_upsampled_regions(regions, n))
+    assert res.label_map.max() > 255
     assert res.confidence.shape == (40, 40)
     with pytest.raises(ValueError, match="other_value"):
         L.label_map_from_logits(np.zeros((300, 4, 4), np.float32), (4, 4))

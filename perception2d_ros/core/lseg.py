@@ -186,13 +186,20 @@ def normalized_resize(image_bgr: np.ndarray, size: tuple[int, int],
     h, w = int(size[0]), int(size[1])
     y0, y1, wy0, wy1 = align_corners_taps(h, image_bgr.shape[0])
     x0, x1, wx0, wx1 = align_corners_taps(w, image_bgr.shape[1])
-    r0, r1 = image_bgr[y0], image_bgr[y1]               # uint8 gathers: only 4 taps/pixel
-    a, b = wx0[None, :, None], wx1[None, :, None]        # are converted to float
-    px = ((r0[:, x0].astype(np.float32) * a + r0[:, x1].astype(np.float32) * b)
-          * wy0[:, None, None]
-          + (r1[:, x0].astype(np.float32) * a + r1[:, x1].astype(np.float32) * b)
-          * wy1[:, None, None])
-    px = np.ascontiguousarray(px)
+    a, b = wx0[None, :, None], wx1[None, :, None]
+
+    def row(ys: np.ndarray, wy: np.ndarray) -> np.ndarray:
+        r = image_bgr[ys]                                # uint8 gathers: only the 4 taps of
+        out = np.take(r, x0, axis=1).astype(np.float32)  # each output pixel become float
+        out *= a
+        tmp = np.take(r, x1, axis=1).astype(np.float32)
+        tmp *= b
+        out += tmp
+        out *= wy[:, None, None]
+        return out
+
+    px = row(y0, wy0)
+    px += row(y1, wy1)
     scale = np.float32(1.0 / 255.0) / np.asarray(meta.std, np.float32)
     shift = np.asarray(meta.mean, np.float32) / np.asarray(meta.std, np.float32)
     out = np.empty((3, h, w), np.float32)
