@@ -60,6 +60,7 @@ __all__ = [
     "camera_info_msg",
     "compressed_image_msg",
     "default_qos_name",
+    "find_installed_interface_dir",
     "find_interface_dirs",
     "image_msg",
     "image_to_numpy",
@@ -201,8 +202,53 @@ def make_typestore(msg_dirs: Iterable[str | os.PathLike[str]] = ()) -> Any:
     return typestore
 
 
+def find_installed_interface_dir(package: str,
+                                 prefixes: str | None = None) -> Path | None:
+    """The installed interface package ``package`` (``<prefix>/share/<package>`` with a
+    ``msg/`` folder) from the ament index: the first prefix of ``prefixes`` (default: the
+    ``AMENT_PREFIX_PATH`` environment variable) that registers the package. ``None`` if no
+    prefix has it. Plain file lookups: no ROS import."""
+    search = os.environ.get("AMENT_PREFIX_PATH", "") if prefixes is None else prefixes
+    for prefix in filter(None, search.split(os.pathsep)):
+        marker = Path(prefix) / "share" / "ament_index" / "resource_index" / "packages" / package
+        share = Path(prefix) / "share" / package
+        if marker.is_file() and (share / "msg").is_dir():
+            return share
+    return None
+
+
+def _register_installed(typestore: Any, package: str, seen: set[str]) -> bool:
+    """Register an installed interface package with ``typestore``, after the installed
+    packages its messages use; False when it is not installed or does not parse."""
+    if package in seen:
+        return False
+    seen.add(package)
+    share = find_installed_interface_dir(package)
+    if share is None:
+        return False
+    refs: set[str] = set()
+    try:
+        for msg_file in sorted((share / "msg").glob("*.msg")):
+            types = get_types_from_msg(msg_file.read_text(encoding="utf-8"),
+                                       f"{package}/msg/{msg_file.stem}")
+            refs |= {ref for _consts, fields in types.values()
+                     for ref in _referenced_types(fields)}
+    except Exception:  # rosbags raises its own parser errors
+        return False
+    for dep in sorted({ref.split("/")[0] for ref in refs
+                       if ref not in typestore.fielddefs} - {package}):
+        _register_installed(typestore, dep, seen)
+    try:
+        register_msg_dir(typestore, share)
+    except ValueError:
+        return False
+    return True
+
+
 def _ensure_msgtype(typestore: Any, msgtype: str) -> None:
-    """Make sure ``msgtype`` is known, registering the project's interfaces if needed."""
+    """Make sure ``msgtype`` is known: the project's interfaces of the source checkout,
+    else the installed package's definitions found through the ament index
+    (``AMENT_PREFIX_PATH``: a colcon or apt install)."""
     if msgtype in typestore.fielddefs:
         return
     if find_interface_dirs():
@@ -214,9 +260,16 @@ def _ensure_msgtype(typestore: Any, msgtype: str) -> None:
             typestore.register({name: project.fielddefs[name] for name in project.fielddefs
                                 if name not in typestore.fielddefs})
             return
+    installed = get_typestore(Stores.ROS2_KILTED)
+    if (_register_installed(installed, msgtype.split("/")[0], set())
+            and msgtype in installed.fielddefs):
+        typestore.register({name: installed.fielddefs[name] for name in installed.fielddefs
+                            if name not in typestore.fielddefs})
+        return
     raise KeyError(
-        f"message type {msgtype!r} is unknown to the ROS2_KILTED typestore; pass the "
-        "interface package directory in msg_dirs (see register_msg_dir)"
+        f"message type {msgtype!r} is unknown to the ROS2_KILTED typestore and not installed "
+        "in AMENT_PREFIX_PATH; source the workspace that provides it (source "
+        "install/setup.bash) or pass its interface package directory in msg_dirs"
     )
 
 
