@@ -40,7 +40,16 @@ $(STAMPS)/package: $(STAMPS)/msgs setup.py
 
 msgs: $(STAMPS)/msgs
 
+# Test tooling, not a dependency: the real ROS 2 launch stack (launch_ros, ros2cli) for the
+# real-launch tests, from ../shared/ros2-launch when it exists (else those tests skip, saying
+# why). install.sh keeps a stamp in the venv: a re-run only checks it (about 1 s).
+LAUNCH_STACK ?= ../shared/ros2-launch
+
 test: setup
+	@if [ -f "$(LAUNCH_STACK)/install.sh" ]; then \
+	  echo "==> ROS 2 launch stack from $(LAUNCH_STACK) (test tooling; first run about 30 s)"; \
+	  bash "$(LAUNCH_STACK)/install.sh" $(VENV); \
+	fi
 	bash scripts/run_tests.sh $(PYTEST_ARGS)
 
 demo: setup
