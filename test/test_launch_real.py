@@ -158,11 +158,16 @@ def _wait_listed(ws: dict, nodes: list[str], timeout: float = 60) -> None:
         assert time.monotonic() < deadline, f"ros2 node list: {res.stdout!r}, expected {nodes}"
 
 
-def _wait_subscribed(ws: dict, topics: list[str], node: str, timeout: float = 60) -> None:
-    """Until ``node`` shows up as a subscriber of every topic (``ros2 topic info -v``)."""
+def _wait_subscribed(ws: dict, topics: list[str], node: str, proc: subprocess.Popen,
+                     timeout: float = 60) -> None:
+    """Until ``node`` (run by ``proc``) shows up as a subscriber of every topic (``ros2 topic
+    info -v``)."""
     deadline = time.monotonic() + timeout
     for topic in topics:
         while True:
+            if proc.poll() is not None:
+                out, _ = proc.communicate()
+                pytest.fail(f"{node} exited with {proc.returncode}: {out}")
             res = _run(ws, "ros2", "topic", "info", "-v", topic, "--no-daemon",
                        "--spin-time", "2")
             if f"Node name: {node}" in res.stdout:
@@ -246,7 +251,7 @@ def test_ros2_launch_runs_every_frame_and_stops_on_ctrl_c(ws, input_bag, tmp_pat
              *outputs, "--messages", str(2 * FRAMES), "--topic-timeout", "60"],
             cwd=ws["root"], env=ws["env"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
             text=True, start_new_session=True)
-        _wait_subscribed(ws, outputs, "perception2d_bag_record")
+        _wait_subscribed(ws, outputs, "perception2d_bag_record", recorder)
         res = _run(ws, "ros2", "run", "perception2d", "perception2d", "bag", "play",
                    str(input_bag), "--reliable", "--rate", "0.5", "--wait-subscribers", "1",
                    "--wait-timeout", "30", "--topics", f"{NS}/image_raw", f"{NS}/camera_info",
