@@ -29,7 +29,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_YAML = REPO / "config" / "perception2d.yaml"
-NS = "/camera"
+NS = "/front"  # not the default namespace: namespace:= must take effect
 FRAMES = 6
 FRAME_ID = "camera_optical"
 #: every node executable the launch file can start, plus the CLI
@@ -130,7 +130,8 @@ class Launch:
         self._out.close()
 
 
-def _wait_active(ws: dict, launch: Launch, nodes: list[str], timeout: float = 180) -> None:
+def _wait_active(ws: dict, launch: Launch, nodes: list[str], timeout: float = 180,
+                 ns: str = NS) -> None:
     """Poll ``ros2 lifecycle get`` until every node says active."""
     deadline = time.monotonic() + timeout
     pending = list(nodes)
@@ -139,7 +140,7 @@ def _wait_active(ws: dict, launch: Launch, nodes: list[str], timeout: float = 18
         assert launch.proc.poll() is None, f"launch ended early:\n{launch.output()[-4000:]}"
         assert time.monotonic() < deadline, (
             f"not active within {timeout:g} s: {pending} (last: {last})\n{launch.output()[-4000:]}")
-        res = _run(ws, "ros2", "lifecycle", "get", f"{NS}/{pending[0]}", "--no-daemon")
+        res = _run(ws, "ros2", "lifecycle", "get", f"{ns}/{pending[0]}", "--no-daemon")
         last = (res.stdout + res.stderr).strip()
         if res.returncode == 0 and res.stdout.startswith("active"):
             pending.pop(0)
@@ -279,6 +280,27 @@ def test_ros2_launch_runs_every_frame_and_stops_on_ctrl_c(ws, input_bag, tmp_pat
         if recorder is not None and recorder.poll() is None:
             os.killpg(recorder.pid, signal.SIGKILL)
             recorder.wait(timeout=30)
+        launch.close()
+
+
+def test_ros2_launch_with_defaults_uses_the_installed_params_file(ws, tmp_path):
+    """No arguments at all: /camera, pipeline mode, the params file installed in
+    share/perception2d/config (not this checkout's)."""
+    launch = Launch(ws, [], tmp_path / "launch.log")
+    try:
+        _wait_active(ws, launch, ["pipeline_node"], ns="/camera")
+        installed = ws["root"] / "install" / "perception2d" / "share" / "perception2d" / "config"
+        import psutil
+
+        cmdlines = [" ".join(c.cmdline()) for c in
+                    psutil.Process(launch.proc.pid).children(recursive=True)]
+        assert any(f"--params-file {installed / 'perception2d.yaml'}" in c for c in cmdlines), \
+            cmdlines
+        res = _run(ws, "ros2", "param", "get", "/camera/pipeline_node", "detect.model",
+                   "--timeout", "20", "--no-daemon")
+        assert res.stdout.strip() == "String value is: yolox_nano", res.stdout + res.stderr
+        assert launch.ctrl_c() == 0, launch.output()[-4000:]
+    finally:
         launch.close()
 
 

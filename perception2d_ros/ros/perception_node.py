@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+import signal
 import threading
 import time
 from collections import deque
@@ -652,6 +653,10 @@ def run_nodes(nodes: Sequence[Any]) -> None:
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     finally:
+        # Ctrl-C in a terminal signals the whole process group, and ros2 launch then sends
+        # its own SIGINT: a second one must not break the cleanup with a KeyboardInterrupt
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
         for n in nodes:
             n.destroy_node()
         rclpy.try_shutdown()
