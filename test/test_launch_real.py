@@ -47,7 +47,8 @@ def _missing_tools() -> str | None:
                 "installs it into .venv from ../shared/ros2-launch when that folder exists; "
                 "elsewhere source a ROS 2 install that has launch_ros")
     if shutil.which("colcon", path=_PATH) is None:
-        return "colcon is not installed (pip install colcon-common-extensions, see requirements/test.txt)"
+        return ("colcon is not installed (pip install colcon-common-extensions, see "
+                "requirements/test.txt)")
     return None
 
 
@@ -66,7 +67,8 @@ def _base_env(tmp: Path) -> dict[str, str]:
     env["ROS_DOMAIN_ID"] = str(1 + (int(env.get("ROS_DOMAIN_ID", "0")) + 57) % 101)
     env.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
     env.setdefault("RMW_IMPLEMENTATION", "rmw_fastrtps_cpp")
-    env.setdefault("FASTDDS_DEFAULT_PROFILES_FILE", str(REPO / "config" / "fastdds_localhost_shm.xml"))
+    env.setdefault("FASTDDS_DEFAULT_PROFILES_FILE",
+                   str(REPO / "config" / "fastdds_localhost_shm.xml"))
     env["ROS_LOG_DIR"] = str(tmp / "ros_log")
     env["PYTHONUNBUFFERED"] = "1"
     return env
@@ -93,8 +95,9 @@ def ws(tmp_path_factory: pytest.TempPathFactory) -> dict:
         cwd=root, env=env, capture_output=True, text=True, timeout=60)
     assert dump.returncode == 0, dump.stderr
     sourced = json.loads(dump.stdout)
-    where = subprocess.run([sys.executable, "-c", "import perception2d_ros; print(perception2d_ros.__file__)"],
-                           cwd=root, env=sourced, capture_output=True, text=True, timeout=60)
+    where = subprocess.run(
+        [sys.executable, "-c", "import perception2d_ros; print(perception2d_ros.__file__)"],
+        cwd=root, env=sourced, capture_output=True, text=True, timeout=60)
     assert str(root / "install") in where.stdout, "the installed package is not the one imported"
     return {"root": root, "env": sourced}
 
