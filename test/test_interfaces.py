@@ -31,6 +31,18 @@ UPSTREAM_VISION_MSGS_RIHS01 = {
         "3d37df4015cdf660cc851c51897f2acd957e1ca6205ba0a99aebffb9406b0783",
     "vision_msgs/msg/VisionClass":
         "1e4a11f0fed50b5623cb8ff26ca0e37952a48a9c074d16f804b44e9164c2037a",
+    # 3D messages (detections/objects); the same values appear in independent public
+    # bindings of vision_msgs 4.1 (e.g. Elixir ROS 2 clients' Detection3D/Detection3DArray)
+    "vision_msgs/msg/Detection3DArray":
+        "793f5eab9595ac1c0da07873cc859db42eae51f0ee76056db8562515d830e018",
+    "vision_msgs/msg/Detection3D":
+        "ddd703be132ab0b69d33121f1bb034132bfbb3b0ac5f9fb1516005ba1c8a265b",
+}
+# tf2_msgs/msg/TFMessage of ros2/geometry2 (Humble … Kilted), as `ros2 topic info -v /tf`
+# reports it on a full install
+UPSTREAM_TF2_MSGS_RIHS01 = {
+    "tf2_msgs/msg/TFMessage":
+        "e369d0f05a23ae52508854b66f6aa0437f3449d652e8cbf22d5abe85d020f087",
 }
 
 
@@ -43,6 +55,28 @@ def typestore():
 @pytest.mark.parametrize("msgtype", sorted(UPSTREAM_VISION_MSGS_RIHS01))
 def test_rosbags_hash_of_our_msg_files_equals_upstream(typestore, msgtype):
     assert typestore.hash_rihs01(msgtype) == "RIHS01_" + UPSTREAM_VISION_MSGS_RIHS01[msgtype]
+
+
+def test_our_tf2_msgs_copy_hashes_like_upstream():
+    """Our interfaces/tf2_msgs (parsed from its .msg, not rosbags' built-in definition)."""
+    from rosbags.typesys import Stores, get_typestore
+
+    from perception2d_ros.core.bagio import register_msg_dir
+
+    store = get_typestore(Stores.EMPTY)
+    kilted = get_typestore(Stores.ROS2_KILTED)
+    store.register({k: v for k, v in kilted.fielddefs.items()
+                    if k.split("/")[0] in ("builtin_interfaces", "std_msgs", "geometry_msgs")})
+    assert register_msg_dir(store, REPO / "interfaces" / "tf2_msgs") == [
+        "tf2_msgs/msg/TFMessage"]
+    for msgtype, digest in UPSTREAM_TF2_MSGS_RIHS01.items():
+        assert store.hash_rihs01(msgtype) == "RIHS01_" + digest
+        assert kilted.hash_rihs01(msgtype) == "RIHS01_" + digest  # rosbags' own copy agrees
+
+
+def test_tf2_msgs_copy_is_colcon_ignored():
+    """Full installs use the real tf2_msgs; colcon must never build our copy over it."""
+    assert (REPO / "interfaces" / "tf2_msgs" / "COLCON_IGNORE").is_file()
 
 
 @pytest.mark.ros
@@ -58,6 +92,7 @@ def test_built_rclpy_types_report_the_same_hashes(typestore):
     node = Node("hash_probe", context=ctx)
     try:
         types = dict(UPSTREAM_VISION_MSGS_RIHS01)
+        types.update(UPSTREAM_TF2_MSGS_RIHS01)
         types.update({t: None for t in ("perception2d_interfaces/msg/GroundPositionArray",
                                         "perception2d_interfaces/msg/SegmentPrompt")})
         for i, msgtype in enumerate(sorted(types)):
