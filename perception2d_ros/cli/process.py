@@ -5,7 +5,12 @@ topic (same names and types as live; output headers equal their input frame's he
 The input may be a rosbag2 bag (MCAP, sqlite3) or a ROS 1 ``.bag``; the output is always a
 ROS 2 bag. The camera stream is found by itself: ``<ns>/image_raw`` (sensor_msgs/Image) or
 ``<ns>/image_raw/compressed`` (sensor_msgs/CompressedImage, jpeg/png, decoded to bgr8), else
-any image topic with a camera_info beside it (``--image-topic`` to pick one)."""
+any image topic with a camera_info beside it (``--image-topic`` to pick one).
+
+With ``extrinsics.source: tf`` the bag's ``/tf_static`` and ``/tf`` are read first (all of
+them: dynamic transforms are interpolated at each image stamp, both sides known); with
+``depth_topic`` each frame is paired with the depth image nearest in stamp (within
+``sync_slop_ms``, default 20 ms)."""
 from __future__ import annotations
 
 import argparse
@@ -52,7 +57,7 @@ def process_bag(in_path: str | Path, out_path: str | Path, cfg: dict, *,
 
     from perception2d_ros.core.bagio import (BagReader, BagWriter, find_camera_topics,
                                              find_interface_dirs, storage_for_path)
-    from perception2d_ros.core.flow import ApproximateSync
+    from perception2d_ros.core.flow import ApproximateSync, ErrorReporter, StampMatcher
     from perception2d_ros.core.pipeline import build_pipeline
     from perception2d_ros.ros.publishing import TOPIC_TYPES, FrameRunner
 
@@ -62,7 +67,8 @@ def process_bag(in_path: str | Path, out_path: str | Path, cfg: dict, *,
     except ValueError as exc:
         raise SystemExit(f"perception2d process: {exc}") from None
     pipeline = build_pipeline(cfg, log=lambda m: print(m, file=sys.stderr))
-    runner = FrameRunner(pipeline, cfg, debug_image=debug_image)
+    warnings = ErrorReporter(lambda m: print(m, file=sys.stderr))
+    runner = FrameRunner(pipeline, cfg, debug_image=debug_image, report=warnings.report)
     raw_input = "rectify" in pipeline.names
     with BagReader(in_path, msg_dirs=msg_dirs) as reader:
         topics = reader.topics
@@ -80,8 +86,12 @@ def process_bag(in_path: str | Path, out_path: str | Path, cfg: dict, *,
         print(f"input: {image_topic} ({cam.transport})"
               + (f" + {info_topic}" if info_topic else "")
               + (" [ROS 1 bag]" if reader.is_ros1 else ""), file=sys.stderr)
+        tf_topics = _tf_topics(topics) if runner.use_tf else []
+        if runner.use_tf:
+            _load_tf(reader, tf_topics, runner)
+        depth_topic = _depth_topic(topics, ns, cfg) if runner.objects_enabled else None
         with BagWriter(out_path, msg_dirs=msg_dirs, overwrite=overwrite) as writer:
-            for t in (image_topic, info_topic):
+            for t in (image_topic, info_topic, depth_topic, *tf_topics):
                 if t:
                     writer.add_topic(t, topics[t].msgtype)
             declared: set[str] = set()
@@ -96,10 +106,14 @@ def process_bag(in_path: str | Path, out_path: str | Path, cfg: dict, *,
             stats = {"frames_in": 0, "frames_out": 0, "errors": 0}
             first_ts: list[int] = []
 
-            def on_pair(img_ts_raw, info) -> None:
+            def run_frame(img_ts_raw, info, depth=None) -> None:
                 ts, img = img_ts_raw
+                if depth_topic and depth is None:
+                    warnings.report("depth", f"depth_topic: no depth image on {depth_topic} "
+                                    f"within {slop / 1e6:g} ms of frame {_stamp(img)}; its "
+                                    "objects use the ground plane")
                 try:
-                    frame, msgs = runner.run(img, info)
+                    frame, msgs = runner.run(img, info, depth_msg=depth)
                 except ValueError as exc:
                     stats["errors"] += 1
                     print(f"frame {ts} rejected: {exc}", file=sys.stderr)
@@ -112,10 +126,21 @@ def process_bag(in_path: str | Path, out_path: str | Path, cfg: dict, *,
                     emit(rel, msg, ts)
                 stats["frames_out"] += 1
 
+            slop = int(float(cfg.get("sync_slop_ms", 20.0)) * 1e6)
+            depth_sync = StampMatcher(lambda item, depth: run_frame(*item, depth), slop_ns=slop,
+                                      max_pending=30, stale_s=None,
+                                      stamp=_stamp) if depth_topic else None
+
+            def on_pair(img_ts_raw, info) -> None:
+                if depth_sync is not None:
+                    depth_sync.add_primary((img_ts_raw, info), _stamp(img_ts_raw[1]))
+                else:
+                    run_frame(img_ts_raw, info)
+
             sync = ApproximateSync(on_pair, stamp=lambda m: _stamp(m[1] if isinstance(m, tuple)
                                                                    else m))
             t0 = time.monotonic()
-            wanted = [t for t in (image_topic, info_topic) if t]
+            wanted = [t for t in (image_topic, info_topic, depth_topic, *tf_topics) if t]
             n_images = topics[image_topic].count
             bar = tqdm(total=n_images, desc="process", unit="frame", disable=not progress,
                        file=sys.stderr)
@@ -129,12 +154,57 @@ def process_bag(in_path: str | Path, out_path: str | Path, cfg: dict, *,
                     else:
                         on_pair((msg.timestamp_ns, img), None)
                     bar.update(1)
-                else:
+                elif msg.topic == depth_topic:
+                    depth_sync.add_secondary(deserialize_message(bytes(msg.rawdata), Image))
+                elif msg.topic == info_topic:
                     sync.add_info(deserialize_message(bytes(msg.rawdata), CameraInfo))
+            if depth_sync is not None:
+                depth_sync.flush()
             bar.close()
     stats["seconds"] = time.monotonic() - t0
     stats["unmatched"] = sync.unmatched_images + sync.pending_images
     return stats
+
+
+def _tf_topics(topics: dict) -> list[str]:
+    """The bag's TF topics: ``/tf_static`` and ``/tf`` (also namespaced ``…/tf``)."""
+    return sorted(t for t, meta in topics.items() if meta.msgtype == "tf2_msgs/msg/TFMessage"
+                  and t.rsplit("/", 1)[-1] in ("tf", "tf_static"))
+
+
+def _load_tf(reader, tf_topics: list[str], runner) -> None:
+    """Every transform of the bag into the runner's TF buffer (kept for the whole bag)."""
+    from rclpy.serialization import deserialize_message
+    from tf2_msgs.msg import TFMessage
+
+    from perception2d_ros.core.tf_buffer import TransformBuffer
+
+    if not tf_topics:
+        print("extrinsics.source tf: the bag has no /tf_static or /tf topic; ground positions "
+              "and objects need them (or set extrinsics.source: params)", file=sys.stderr)
+        return
+    runner.tf_buffer = TransformBuffer(cache_s=10 * 365 * 86400.0)  # the whole bag
+    n = 0
+    for msg in reader.messages(topics=tf_topics):
+        tf = deserialize_message(bytes(msg.rawdata), TFMessage)
+        try:
+            n += runner.tf_buffer.set_transforms(tf.transforms,
+                                                 static=msg.topic.endswith("tf_static"))
+        except ValueError as exc:
+            runner.report("tf", f"{msg.topic}: {exc}; that transform is ignored")
+    print(f"TF: {n} transforms from {', '.join(tf_topics)}; frames: "
+          f"{', '.join(runner.tf_buffer.frames)}", file=sys.stderr)
+
+
+def _depth_topic(topics: dict, ns: str, cfg: dict) -> str | None:
+    rel = str(cfg.get("depth_topic") or "").strip()
+    if not rel:
+        return None
+    topic = rel if rel.startswith("/") else f"{ns}/{rel}"
+    if topic not in topics:
+        raise SystemExit(f"depth_topic: {topic} is not in the bag (topics: {', '.join(topics)});"
+                         " set depth_topic to the aligned depth image's topic or ''")
+    return topic
 
 
 def _stamp(msg) -> int:

@@ -312,8 +312,10 @@ def qos_preset(name: str, depth: int | None = None) -> list[Qos]:
 
 
 def default_qos_name(topic: str) -> str:
-    """Project QoS convention: ``*label_info`` topics are latched, everything else sensor data."""
-    return "latched" if topic.rstrip("/").endswith("label_info") else "sensor_data"
+    """Project QoS convention: ``*label_info`` and ``/tf_static`` topics are latched (as
+    their publishers offer them), everything else sensor data."""
+    t = topic.rstrip("/")
+    return "latched" if t.endswith("label_info") or t.endswith("/tf_static") else "sensor_data"
 
 
 # --------------------------------------------------------------------------------------------

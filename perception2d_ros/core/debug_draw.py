@@ -109,5 +109,20 @@ def draw_frame(frame: Any) -> np.ndarray:
         clip = getattr(frame, "clip", None)
         if clip is not None and getattr(clip, "hypotheses", None) is not None:
             extra = [f"{h[0][0]} {h[0][1]:.2f}" if h else "" for h in clip.hypotheses]
+        extra = _with_distance(extra, getattr(frame, "objects", None), len(det.class_names))
         draw_detections(img, det.xyxy, det.class_names, det.scores, extra)
     return img
+
+
+def _with_distance(extra: Sequence[str] | None, objects: Any, n: int) -> list[str] | None:
+    """Hook: the 3D object's distance from the camera ('12.3 m') joined to each label's extra
+    text (detections without a 3D position get none)."""
+    if objects is None or len(objects) != n:
+        return None if extra is None else list(extra)
+    out = []
+    for i in range(n):
+        text = extra[i] if extra is not None else ""
+        if objects.valid[i]:
+            text = f"{text} | {objects.distance[i]:.1f} m" if text else f"{objects.distance[i]:.1f} m"
+        out.append(text)
+    return out

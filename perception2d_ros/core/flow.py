@@ -108,6 +108,84 @@ class ApproximateSync:
         return best
 
 
+class StampMatcher:
+    """Pairs each primary item (an image) with the secondary message (a depth image) nearest
+    in stamp within ``slop_ns``, waiting for a secondary that may still come.
+
+    ``on_match(item, secondary_or_None)`` is called in primary order: as soon as a secondary
+    with the very same stamp is there, or once a secondary newer than ``stamp + slop_ns`` has
+    arrived (nothing closer can come), or when more than ``max_pending`` primaries wait, or
+    (live) when no secondary arrived for ``stale_s`` seconds — then primaries pass at once
+    with the best match there is (None when none), so a dead secondary stream never stalls
+    the primary one. :meth:`flush` emits everything still waiting (end of a bag)."""
+
+    def __init__(self, on_match: Callable[[Any, Any], None], slop_ns: int = 20_000_000,
+                 max_pending: int = 3, depth: int = 10, stale_s: float | None = 1.0,
+                 stamp: Callable[[Any], int] | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.on_match = on_match
+        self.slop_ns = slop_ns
+        self.max_pending = max_pending
+        self.stale_s = stale_s
+        self._stamp = stamp or (lambda m: int(m.header.stamp.sec) * 1_000_000_000
+                                + int(m.header.stamp.nanosec))
+        self._clock = clock
+        self._pending: deque[tuple[int, Any]] = deque()
+        self._secondary: deque[Any] = deque(maxlen=depth)
+        self._last_secondary: float | None = None
+        self._lock = threading.Lock()
+        self.unmatched = 0  # primaries emitted without a secondary
+
+    def add_primary(self, item: Any, stamp_ns: int) -> None:
+        with self._lock:
+            self._pending.append((int(stamp_ns), item))
+            out = self._ready()
+        self._emit(out)
+
+    def add_secondary(self, msg: Any) -> None:
+        with self._lock:
+            self._secondary.append(msg)
+            self._last_secondary = self._clock()
+            out = self._ready()
+        self._emit(out)
+
+    def flush(self) -> None:
+        with self._lock:
+            out = [(item, self._best(ts)) for ts, item in self._pending]
+            self._pending.clear()
+        self._emit(out)
+
+    def _best(self, ts: int) -> Any:
+        best, best_dt = None, None
+        for msg in self._secondary:
+            dt = abs(self._stamp(msg) - ts)
+            if dt <= self.slop_ns and (best_dt is None or dt < best_dt):
+                best, best_dt = msg, dt
+        return best
+
+    def _ready(self) -> list[tuple[Any, Any]]:
+        out = []
+        newest = max((self._stamp(m) for m in self._secondary), default=None)
+        stale = (self.stale_s is not None and (self._last_secondary is None or
+                 self._clock() - self._last_secondary > self.stale_s))
+        while self._pending:
+            ts, item = self._pending[0]
+            best = self._best(ts)
+            exact = best is not None and self._stamp(best) == ts
+            passed = newest is not None and newest > ts + self.slop_ns
+            if not (exact or passed or stale or len(self._pending) > self.max_pending):
+                break
+            self._pending.popleft()
+            out.append((item, best))
+        return out
+
+    def _emit(self, pairs: list[tuple[Any, Any]]) -> None:
+        for item, secondary in pairs:
+            if secondary is None:
+                self.unmatched += 1
+            self.on_match(item, secondary)
+
+
 class ErrorReporter:
     """One clear error line per (field) at most every ``period`` seconds; every occurrence is
     counted (the counts go to /diagnostics)."""

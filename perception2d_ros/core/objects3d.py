@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Objects3D", "lift_objects", "depth_to_metres", "POSITION_SOURCES"]
+__all__ = ["Objects3D", "lift_objects", "frame_objects", "depth_to_metres", "POSITION_SOURCES"]
 
 POSITION_SOURCES = ("ground_plane", "depth_mask", "depth_box")
 _MAX_MASK_POINTS = 4096
@@ -247,3 +247,19 @@ def _depth_object(i: int, box: np.ndarray, mask_px: np.ndarray | None, camera: A
     out.distance[i] = float(np.linalg.norm((center - c)[:2]))
     out.source[i] = source
     out.depth_fraction[i] = float(ok.mean())
+
+
+def frame_objects(frame: Any, extrinsics: Any, plane_height: float = 0.0) -> Objects3D | None:
+    """:func:`lift_objects` for a pipeline frame (``core.pipeline.Frame``): its detections in
+    the working image, its SAM masks when the sam stage ran, its aligned depth when it has
+    one. None when the frame has no detections or no camera model."""
+    det = frame.detections
+    if det is None or frame.camera is None or extrinsics is None:
+        return None
+    masks = getattr(frame, "masks", None)
+    ids = getattr(masks, "instance_ids", None) if masks is not None else None
+    return lift_objects(np.asarray(det.xyxy), frame.camera, extrinsics,
+                        plane_height=plane_height, rectified=frame.rectified is not None,
+                        instance_ids=None if ids is None else np.asarray(ids),
+                        n_mask_prompts=int(getattr(masks, "n_detection_prompts", 0) or 0),
+                        depth_m=getattr(frame, "depth", None))

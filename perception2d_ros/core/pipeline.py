@@ -43,6 +43,12 @@ class Frame:
     clip: Any = None
     labels: Any = None
     vocabulary_version: int | None = None
+    # camera pose in the base frame for this frame (extrinsics.source: tf looks it up at the
+    # stamp; None = the detect stage's configured extrinsics); aligned depth (HxW metres,
+    # NaN = none, registered to the raw image) or None; 3D objects (core.objects3d.Objects3D)
+    extrinsics: Any = None
+    depth: np.ndarray | None = None
+    objects: Any = None
     timings: dict[str, float] = field(default_factory=dict)
     # the working image as an HxWx3 uint8 BGR tensor on the models' device, when the
     # pipeline keeps frames there (``detect.device_frames``); None otherwise
@@ -170,8 +176,9 @@ class DetectStage:
             frame.detections = self.device_detector.detect(frame.device_bgr)
         else:
             frame.detections = self.detector.detect(frame.bgr())
-        if self.extrinsics is not None and frame.camera is not None:
-            frame.ground = ground_positions(frame, self.extrinsics, self.plane_height)
+        extrinsics = frame.extrinsics if frame.extrinsics is not None else self.extrinsics
+        if extrinsics is not None and frame.camera is not None:
+            frame.ground = ground_positions(frame, extrinsics, self.plane_height)
         frame.timings[self.name] = time.perf_counter() - t0
 
 
@@ -242,7 +249,14 @@ DEFAULTS: dict[str, Any] = {
         "rotation_rpy": [0.0, 0.0, 0.0],
         "rotation_quaternion": [0.0, 0.0, 0.0, 0.0],
         "plane_height": 0.0,
+        # params: translation/rotation above; tf: look up parent_frame <- image
+        # header.frame_id on /tf_static + /tf at the image stamp
+        "source": "params",
+        "tf_timeout_s": 0.1,   # tf: how long a frame waits for /tf to reach its stamp
     },
+    # aligned depth image (relative to the camera namespace, e.g. depth/image_raw; '' = none):
+    # sensor_msgs/Image 16UC1 mm or 32FC1 m registered to the colour camera, paired by stamp
+    "depth_topic": "",
 }
 
 INTERPOLATIONS = {"nearest": 0, "linear": 1, "cubic": 2, "area": 3, "lanczos": 4}
@@ -304,6 +318,12 @@ def validate_config(cfg: dict[str, Any]) -> None:
     if len(e.get("rotation_quaternion") or [0] * 4) != 4:
         raise ValueError("extrinsics.rotation_quaternion needs 4 values [x, y, z, w] "
                          "(all 0 = use rotation_rpy)")
+    if e.get("source", "params") not in ("params", "tf"):
+        raise ValueError(f"extrinsics.source: '{e['source']}' is not one of params, tf")
+    if not float(e.get("tf_timeout_s", 0.1)) >= 0.0:
+        raise ValueError(f"extrinsics.tf_timeout_s: {e['tf_timeout_s']} must be >= 0")
+    if not isinstance(cfg.get("depth_topic", ""), str):
+        raise ValueError(f"depth_topic: {cfg['depth_topic']!r} must be a topic name string")
     if "lseg" in cfg:
         from perception2d_ros.core.lseg import parse_scales
 
@@ -335,7 +355,7 @@ def build_pipeline(cfg: dict[str, Any], log: Callable[[str], None] = LOG.info) -
             allow_outside=bool(d.get("allow_outside_models_dir", False)))
         extr = None
         e = cfg["extrinsics"]
-        if e["enabled"]:
+        if e["enabled"] and e.get("source", "params") == "params":
             from perception2d_ros.core.camera import Extrinsics
 
             q = [float(v) for v in e.get("rotation_quaternion") or []]

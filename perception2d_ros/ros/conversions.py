@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import array as _pyarray
+import math
 from typing import Any, Sequence
 
 import numpy as np
@@ -174,6 +175,47 @@ def ground_msg(det: Any, points: np.ndarray, header: Header, base_frame: str,
             id=str(i), class_id=str(det.class_names[i]), score=float(det.scores[i]),
             position=Point(x=float(p[0]), y=float(p[1]), z=float(p[2])), valid=ok))
     return msg
+
+
+def objects_msg(detections: Any, objects: Any, header: Header) -> Any:
+    """``detections/objects``: a vision_msgs/Detection3DArray in ``objects.parent_frame``
+    (stamp of ``header``), one Detection3D per 2D detection that has a 3D position, with the
+    2D detection's ``id`` and hypotheses (class first, then any CLIP labels), each posed at
+    where the object stands (``footprint``), then one hypothesis
+    ``position:<source>`` (ground_plane | depth_mask | depth_box) whose score is the share of
+    sampled pixels with a valid depth (1.0 for ground_plane). ``bbox``: centre, yaw about z
+    (facing along the line of sight), size = (along the line of sight, across, vertical)."""
+    from vision_msgs.msg import Detection3D, Detection3DArray, ObjectHypothesisWithPose
+
+    out = Detection3DArray(header=copy_header(header, objects.parent_frame))
+    for i, d2 in enumerate(detections.detections):
+        if i >= len(objects) or not objects.valid[i]:
+            continue
+        d = Detection3D(header=copy_header(header, objects.parent_frame), id=d2.id)
+        cx, cy, cz = (float(v) for v in objects.center[i])
+        fx, fy, fz = (float(v) for v in objects.footprint[i])
+        half = float(objects.yaw[i]) / 2.0
+        box = d.bbox
+        box.center.position.x, box.center.position.y, box.center.position.z = cx, cy, cz
+        box.center.orientation.z, box.center.orientation.w = math.sin(half), math.cos(half)
+        box.size.x, box.size.y, box.size.z = (float(v) for v in objects.size[i])
+        for r in d2.results:
+            h = ObjectHypothesisWithPose()
+            h.hypothesis.class_id = r.hypothesis.class_id
+            h.hypothesis.score = r.hypothesis.score
+            p = h.pose.pose
+            p.position.x, p.position.y, p.position.z = fx, fy, fz
+            p.orientation.z, p.orientation.w = math.sin(half), math.cos(half)
+            d.results.append(h)
+        src = ObjectHypothesisWithPose()
+        src.hypothesis.class_id = f"position:{objects.source[i]}"
+        src.hypothesis.score = float(objects.depth_fraction[i])
+        p = src.pose.pose
+        p.position.x, p.position.y, p.position.z = cx, cy, cz
+        p.orientation.z, p.orientation.w = math.sin(half), math.cos(half)
+        d.results.append(src)
+        out.detections.append(d)
+    return out
 
 
 def mask_detections_msg(det: Any, masks: Any, header: Header) -> Any:

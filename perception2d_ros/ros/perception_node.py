@@ -91,6 +91,8 @@ PARAMETER_CHECKS: dict[str, Any] = {
     "detect.conf_threshold": _number(0.0, 1.0),
     "detect.iou_threshold": _number(0.0, 1.0),
     "detect.max_detections": _number(1),
+    "extrinsics.source": _choice("params", "tf"),
+    "extrinsics.tf_timeout_s": _number(0.0),
 }
 
 
@@ -131,6 +133,7 @@ class CameraIO:
         self.frames_out = 0
         self.input_topic = prefix  # the resolved image topic, set when subscribed
         self.pending: dict[int, dict[str, Any]] = {}  # stamp → image/detections awaiting pair
+        self.depth: Any = None  # core.flow.StampMatcher pairing frames with depth_topic
 
     def topic(self, rel: str) -> str:
         return f"{self.prefix}/{rel}" if self.prefix else rel
@@ -192,6 +195,10 @@ class PerceptionNode(LifecycleNode):
           _desc("image subscription reliability: best_effort (sensor data) or reliable"))
         p("sync_slop_ms", 20.0, _desc("max image/camera_info stamp difference"))
         p("publish_debug_image", False, _desc("publish the annotated debug_image"))
+        p("depth_topic", d["depth_topic"], _desc(
+            "aligned depth image for detections/objects, relative to the camera namespace "
+            "(e.g. depth/image_raw; '' = none): sensor_msgs/Image 16UC1 mm or 32FC1 m, "
+            "registered to the colour camera, paired by stamp (sync_slop_ms)"))
         p("diagnostics_period_s", 1.0, _desc("period of /diagnostics"))
         p("vocabulary", d["vocabulary"], _desc(
             "open-vocabulary phrases shared by CLIP and LSeg; changeable at runtime (also via "
@@ -211,6 +218,7 @@ class PerceptionNode(LifecycleNode):
             "interpolation": g("interpolation"),
             "output_encoding": g("output_encoding"),
             "models_dir": g("models_dir"),
+            "depth_topic": g("depth_topic"),
             "vocabulary": [v for v in g("vocabulary") if v],
             **{grp: {k: g(f"{grp}.{k}") for k in defaults[grp]} for grp in STAGE_GROUPS},
         })
@@ -267,7 +275,10 @@ class PerceptionNode(LifecycleNode):
                 pub(Detection2DArray, "detections", RESULTS)
                 pub(LabelInfo, "detections/label_info", LATCHED)
                 if self.cfg["extrinsics"]["enabled"]:
+                    from vision_msgs.msg import Detection3DArray
+
                     pub(GroundPositionArray, "detections/ground", RESULTS)
+                    pub(Detection3DArray, "detections/objects", RESULTS)
             if "sam" in names:
                 from vision_msgs.msg import Detection2DArray
 
@@ -288,8 +299,8 @@ class PerceptionNode(LifecycleNode):
             if debug:
                 pub(Image, "debug_image", IMAGES_OUT)
         self._diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
-        self.runner = FrameRunner(self.pipeline, self.cfg,
-                                  debug_image=debug)
+        self.runner = FrameRunner(self.pipeline, self.cfg, debug_image=debug,
+                                  report=self.errors.report)
         self.get_logger().info(f"configured stages {names}")
         return TransitionCallbackReturn.SUCCESS
 
@@ -311,8 +322,19 @@ class PerceptionNode(LifecycleNode):
             cam.input_topic = f"{base}/compressed" if compressed else base
             return cam.input_topic
 
+        self._subscribe_tf()
+        depth_topic = str(self.get_parameter("depth_topic").value).strip()
         for cam in self.cams:
             cam.slot = LatestSlot(self._wake)
+            cam.depth = None
+            if depth_topic and self.runner.objects_enabled:
+                from perception2d_ros.core.flow import StampMatcher
+
+                cam.depth = StampMatcher(lambda item, depth, cam=cam: self._on_depth_pair(
+                    cam, item, depth), slop_ns=slop, max_pending=2)
+                self._subs.append(self.create_subscription(
+                    Image, cam.topic(depth_topic), cam.depth.add_secondary, qos,
+                    event_callbacks=events))
             if input_mode == "raw":
                 cam.sync = ApproximateSync(lambda i, c, cam=cam: self._on_pair(cam, i, c),
                                            slop_ns=slop)
@@ -484,8 +506,46 @@ class PerceptionNode(LifecycleNode):
                                   f" for {time.monotonic() - last:.1f} s")
                                + "; images wait for their calibration (rectification needs it)")
 
-    def _on_pair(self, cam: "CameraIO", image: Image, info: CameraInfo) -> None:
-        cam.slot.put((image, info, time.monotonic()))
+    def _on_pair(self, cam: "CameraIO", image: Image, info: CameraInfo | None) -> None:
+        if cam.depth is not None:  # wait (briefly) for the depth image of the same stamp
+            cam.depth.add_primary((image, info, time.monotonic()),
+                                  conv.stamp_to_ns(image.header.stamp))
+        else:
+            cam.slot.put((image, info, time.monotonic()))
+
+    def _on_depth_pair(self, cam: "CameraIO", item: tuple, depth: Image | None) -> None:
+        if depth is None:
+            self.errors.report("depth", "depth_topic: no depth image on "
+                               f"{self.resolve_topic_name(cam.topic(self.cfg['depth_topic']))}"
+                               " within sync_slop_ms of the frame; its objects use the ground "
+                               "plane")
+        cam.slot.put((*item, None, depth))
+
+    def _subscribe_tf(self) -> None:
+        """extrinsics.source tf: /tf_static (transient local: the latched tree of
+        robot_state_publisher) and /tf into the runner's TF buffer, as tf2_ros listens."""
+        if not self.runner.use_tf:
+            return
+        from tf2_msgs.msg import TFMessage
+
+        buffer = self.runner.tf_buffer
+
+        def on_tf(msg: Any, static: bool) -> None:
+            try:
+                buffer.set_transforms(msg.transforms, static=static)
+            except ValueError as exc:
+                self.errors.report("tf", f"{'/tf_static' if static else '/tf'}: {exc}; "
+                                         "that transform is ignored")
+
+        static_qos = QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE,
+                                durability=DurabilityPolicy.TRANSIENT_LOCAL,
+                                history=HistoryPolicy.KEEP_LAST)
+        dynamic_qos = QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE,
+                                 history=HistoryPolicy.KEEP_LAST)
+        self._subs.append(self.create_subscription(
+            TFMessage, "/tf_static", lambda m: on_tf(m, True), static_qos))
+        self._subs.append(self.create_subscription(
+            TFMessage, "/tf", lambda m: on_tf(m, False), dynamic_qos))
 
     def _needs_detections_input(self) -> bool:
         names = self.pipeline.names if self.pipeline is not None else []
@@ -497,7 +557,7 @@ class PerceptionNode(LifecycleNode):
         if self._needs_detections_input():
             self._pair_exact(cam, conv.stamp_to_ns(msg.header.stamp), image=msg)
         else:
-            cam.slot.put((msg, cam.rect_info, time.monotonic()))
+            self._on_pair(cam, msg, cam.rect_info)
 
     def _on_detections(self, cam: "CameraIO", msg: Any) -> None:
         self._pair_exact(cam, conv.stamp_to_ns(msg.header.stamp), detections=msg)
@@ -545,7 +605,7 @@ class PerceptionNode(LifecycleNode):
                 self._wake.wait(0.2)
 
     def _process(self, cam: "CameraIO", image_msg: Image, info_msg: CameraInfo | None,
-                 detections_msg: Any = None) -> None:
+                 detections_msg: Any = None, depth_msg: Image | None = None) -> None:
         stamp = conv.stamp_to_ns(image_msg.header.stamp)
         fid = image_msg.header.frame_id
         last = cam.last_stamp.get(fid)
@@ -556,7 +616,7 @@ class PerceptionNode(LifecycleNode):
             self.errors.report("header.frame_id", f"header.frame_id: '{fid}' differs from the "
                                f"stream's {sorted(cam.last_stamp)}; processed anyway")
         cam.last_stamp[fid] = stamp
-        frame, msgs = self.runner.run(image_msg, info_msg, detections_msg)
+        frame, msgs = self.runner.run(image_msg, info_msg, detections_msg, depth_msg)
         for topic, msg in msgs:
             pub = cam.pubs.get(topic)
             if pub is not None:

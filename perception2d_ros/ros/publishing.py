@@ -16,6 +16,7 @@ TOPIC_TYPES = {
     "detections": "vision_msgs/msg/Detection2DArray",
     "detections/label_info": "vision_msgs/msg/LabelInfo",
     "detections/ground": "perception2d_interfaces/msg/GroundPositionArray",
+    "detections/objects": "vision_msgs/msg/Detection3DArray",
     "masks": "sensor_msgs/msg/Image",
     "masks/detections": "vision_msgs/msg/Detection2DArray",
     "labels": "sensor_msgs/msg/Image",
@@ -37,11 +38,13 @@ def frame_messages(frame: Frame, header: Header, *, base_frame: str = "base_link
                     conv.camera_info_msg(frame.camera.rectified_camera_info_dict(), header)))
     if frame.detections is not None:
         extra = getattr(frame.clip, "hypotheses", None) if frame.clip is not None else None
-        out.append(("detections", conv.detections_msg(frame.detections, header,
-                                                      extra_hypotheses=extra)))
+        det_msg = conv.detections_msg(frame.detections, header, extra_hypotheses=extra)
+        out.append(("detections", det_msg))
         if frame.ground is not None:
             out.append(("detections/ground", conv.ground_msg(
                 frame.detections, frame.ground, header, base_frame, plane_height)))
+        if frame.objects is not None:
+            out.append(("detections/objects", conv.objects_msg(det_msg, frame.objects, header)))
     if frame.masks is not None:
         out.append(("masks", conv.array_to_image_msg(frame.masks.instance_ids, "mono16", header)))
         out.append(("masks/detections",
@@ -64,18 +67,51 @@ class FrameRunner:
     """Image (+ camera_info) message → pipeline → output messages. The live nodes and the
     offline ``process`` tool both use this, so they produce identical outputs."""
 
-    def __init__(self, pipeline: Any, cfg: dict[str, Any], debug_image: bool = False) -> None:
+    def __init__(self, pipeline: Any, cfg: dict[str, Any], debug_image: bool = False,
+                 tf_buffer: Any = None, report: Any = None) -> None:
+        """``tf_buffer``: a core.tf_buffer.TransformBuffer fed with /tf_static and /tf (needed
+        for ``extrinsics.source: tf``); ``report(key, message)``: throttled warnings about
+        inputs that degrade a frame without rejecting it (TF chain incomplete, bad depth)."""
         self.pipeline = pipeline
         self.cfg = cfg
         self.debug_image = debug_image
         self.cameras = conv.CameraModelCache()
         self._vocab_published: dict[str, int] = {}
+        e = cfg["extrinsics"]
+        detect = next((st for st in pipeline.stages if st.name == "detect"), None)
+        self._detect = detect
+        # 3D objects: wherever ground positions are computed (the node running detect)
+        self.objects_enabled = detect is not None and bool(e["enabled"])
+        self.use_tf = self.objects_enabled and e.get("source", "params") == "tf"
+        if self.use_tf and tf_buffer is None:
+            from perception2d_ros.core.tf_buffer import TransformBuffer
 
-    def run(self, image_msg: Any, info_msg: Any, detections_msg: Any = None
-            ) -> tuple[Frame, list[tuple[str, Any]]]:
+            tf_buffer = TransformBuffer()
+        self.tf_buffer = tf_buffer
+        self.report = report or (lambda key, message: None)
+
+    def _frame_extrinsics(self, frame: Frame) -> Any:
+        """The camera pose for this frame (TF at its stamp, or the configured one); None
+        (reported, throttled) while the TF chain is incomplete."""
+        if not self.use_tf:
+            return self._detect.extrinsics if self._detect is not None else None
+        from perception2d_ros.core.tf_buffer import TransformError
+
+        e = self.cfg["extrinsics"]
+        try:
+            return self.tf_buffer.wait_lookup(e["parent_frame"], frame.frame_id, frame.stamp_ns,
+                                              float(e.get("tf_timeout_s", 0.1)))
+        except TransformError as exc:
+            self.report("tf", f"extrinsics.source tf: {exc}; ground positions and objects are "
+                              "skipped until the chain is complete")
+            return None
+
+    def run(self, image_msg: Any, info_msg: Any, detections_msg: Any = None,
+            depth_msg: Any = None) -> tuple[Frame, list[tuple[str, Any]]]:
         """Raises ValueError naming the field for bad input (nothing is published then).
         ``image_msg``: a sensor_msgs/Image or CompressedImage (decoded here, in the caller's
-        worker thread). ``detections_msg``: upstream detections (separate sam/clip nodes)."""
+        worker thread). ``detections_msg``: upstream detections (separate sam/clip nodes);
+        ``depth_msg``: the aligned depth image paired with it (``depth_topic``)."""
         image, encoding = conv.decode_image_msg(image_msg)
         height, width = image.shape[:2]
         camera = None
@@ -90,7 +126,20 @@ class FrameRunner:
                       frame_id=image_msg.header.frame_id, camera=camera)
         if detections_msg is not None:
             frame.detections = conv.detections_from_msg(detections_msg)
+        if depth_msg is not None and self.objects_enabled:
+            frame.depth = self._depth(depth_msg)
         self.pipeline.run(frame)
+        if self.objects_enabled:
+            # TF is looked up after the models ran: /tf has had that long to reach the stamp
+            extrinsics = self._frame_extrinsics(frame)
+            if self.use_tf and extrinsics is not None and frame.camera is not None:
+                from perception2d_ros.core.pipeline import ground_positions
+
+                frame.extrinsics = extrinsics
+                frame.ground = ground_positions(frame, extrinsics,
+                                                float(self.cfg["extrinsics"]["plane_height"]))
+            if extrinsics is not None:
+                frame.objects = self._objects(frame, extrinsics)
         e = self.cfg["extrinsics"]
         msgs = frame_messages(frame, image_msg.header, base_frame=e["parent_frame"],
                               plane_height=float(e["plane_height"]), debug_image=self.debug_image)
@@ -105,6 +154,26 @@ class FrameRunner:
                     names, ids = names + ["other"], ids + [int(other)]
                 msgs.insert(0, (topic, conv.label_info_msg(names, image_msg.header, ids=ids)))
         return frame, msgs
+
+    def _depth(self, depth_msg: Any) -> Any:
+        from perception2d_ros.core.objects3d import depth_to_metres
+
+        try:
+            return depth_to_metres(conv.image_msg_to_array(depth_msg), depth_msg.encoding)
+        except ValueError as exc:
+            self.report("depth", f"{exc}; objects use the ground plane")
+            return None
+
+    def _objects(self, frame: Frame, extrinsics: Any) -> Any:
+        from perception2d_ros.core.objects3d import frame_objects
+
+        plane = float(self.cfg["extrinsics"]["plane_height"])
+        try:
+            return frame_objects(frame, extrinsics, plane)
+        except ValueError as exc:  # a depth image that does not fit the colour camera
+            self.report("depth", f"{exc}; objects use the ground plane")
+            frame.depth = None
+            return frame_objects(frame, extrinsics, plane)
 
     def label_info(self) -> list[tuple[str, Any]]:
         """Latched LabelInfo messages for the stages that have a class list."""
