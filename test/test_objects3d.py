@@ -234,3 +234,13 @@ def test_depth_errors_name_the_field():
     with pytest.raises(ValueError, match="depth image 320x240 does not match"):
         lift_objects(np.array([[0, 0, 10, 10.0]]), PINHOLE, LEVEL,
                      depth_m=np.zeros((240, 320), np.float32))
+
+
+def test_debug_image_label_shows_the_distance():
+    from perception2d_ros.core.debug_draw import _with_distance
+
+    boxes = np.array([[300, 100, 340, 239.0], [300, 200, 340, 300.0]])  # 2nd: 10 m ahead
+    obj = lift_objects(boxes, PINHOLE, LEVEL)
+    assert _with_distance(None, obj, 2) == ["", "10.0 m"]
+    assert _with_distance(["a cat 0.91", ""], obj, 2) == ["a cat 0.91", "10.0 m"]
+    assert _with_distance(["x", "y"], None, 2) == ["x", "y"]

@@ -117,7 +117,20 @@ LIDAR_LINK = ("base_link", "velodyne64", [0.0, 0.0, LIDAR_HEIGHT], [0.0, 0.0, 0.
 CAMERA_LINK = ("velodyne64", CAM_FRAME, CAM_T, CAM_Q)
 
 
-def _make_bag(path: Path, static: list, dynamic: list | None = None, n: int = 8) -> Path:
+DEPTH_M = 25.0  # the synthetic depth given to the minivan's pixels (metres)
+
+
+def _depth_image(stamp: int) -> np.ndarray:
+    """16UC1 depth registered to the raw image: the minivan's GT box at DEPTH_M, no return
+    (0) elsewhere, so every other object falls back to the ground plane."""
+    depth = np.zeros((1080, 1920), np.uint16)
+    x1, y1, x2, y2 = np.round(_obstacle_camera_gt()[stamp][0]).astype(int)
+    depth[y1:y2, x1:x2] = int(DEPTH_M * 1000)
+    return depth
+
+
+def _make_bag(path: Path, static: list, dynamic: list | None = None, n: int = 8,
+              depth: bool = False) -> Path:
     from perception2d_ros.core.bagio import BagWriter, camera_info_msg, image_msg
 
     cam = _camera()
@@ -126,7 +139,8 @@ def _make_bag(path: Path, static: list, dynamic: list | None = None, n: int = 8)
         for topic, kind in (("/camera/image_raw", "sensor_msgs/msg/Image"),
                             ("/camera/camera_info", "sensor_msgs/msg/CameraInfo"),
                             ("/tf_static", "tf2_msgs/msg/TFMessage"),
-                            ("/tf", "tf2_msgs/msg/TFMessage")):
+                            ("/tf", "tf2_msgs/msg/TFMessage"),
+                            ("/camera/depth/image_raw", "sensor_msgs/msg/Image")):
             bag.add_topic(topic, kind)
         if static:
             bag.write("/tf_static", stamps[0] - 10**6, _tf_msg(bag.typestore, static, stamps[0]))
@@ -139,11 +153,14 @@ def _make_bag(path: Path, static: list, dynamic: list | None = None, n: int = 8)
             bag.write("/camera/camera_info", ts,
                       camera_info_msg(bag.typestore, cam.to_camera_info_dict(), ts, CAM_FRAME))
             bag.write("/camera/image_raw", ts, image_msg(bag.typestore, img, ts, CAM_FRAME))
+            if depth and ts != stamps[1]:  # frame 1 has no depth: it must not wait forever
+                bag.write("/camera/depth/image_raw", ts + 2_000_000, image_msg(
+                    bag.typestore, _depth_image(ts), ts + 2_000_000, CAM_FRAME, "16UC1"))
     return path
 
 
-def _params(path: Path, source: str) -> Path:
-    params = {"stages": ["rectify", "detect"], "extrinsics.enabled": True,
+def _params(path: Path, source: str, **extra) -> Path:
+    params = {"stages": ["rectify", "detect"], "extrinsics.enabled": True, **extra,
               "extrinsics.source": source, "extrinsics.parent_frame": "base_link",
               "extrinsics.plane_height": 0.0}
     if source == "params":  # the same pose as parameters: body orientation, URDF style
@@ -191,7 +208,8 @@ def bags(tmp_path_factory):
     d = tmp_path_factory.mktemp("tfbags")
     return {"static": _make_bag(d / "static.mcap", [LIDAR_LINK, CAMERA_LINK]),
             "dynamic": _make_bag(d / "dynamic.mcap", [CAMERA_LINK], [LIDAR_LINK]),
-            "missing": _make_bag(d / "missing.mcap", [CAMERA_LINK], n=3)}
+            "missing": _make_bag(d / "missing.mcap", [CAMERA_LINK], n=3),
+            "depth": _make_bag(d / "depth.mcap", [LIDAR_LINK, CAMERA_LINK], n=3, depth=True)}
 
 
 @pytest.fixture(scope="module")
@@ -278,6 +296,51 @@ def test_process_objects_minivan_distance_with_the_detector(processed):
     dist = np.array(dist)
     assert np.all((dist > 25) & (dist < 35)), dist
     assert np.abs(np.diff(dist)).max() < 2.5, dist
+
+
+def _minivan_object(cam, d2, d3):
+    """The Detection3D of the detection that matches the GT minivan box (IoU > 0.5)."""
+    stamp = d2.header.stamp.sec * 10**9 + d2.header.stamp.nanosec
+    x1, y1, x2, y2 = _obstacle_camera_gt()[stamp][0]
+    (rx1, ry1), (rx2, ry2) = cam.undistort_points([[x1, y1], [x2, y2]])
+    best, best_iou = None, 0.0
+    for det in d2.detections:
+        c, sx, sy = det.bbox.center.position, det.bbox.size_x, det.bbox.size_y
+        ix = max(0.0, min(rx2, c.x + sx / 2) - max(rx1, c.x - sx / 2))
+        iy = max(0.0, min(ry2, c.y + sy / 2) - max(ry1, c.y - sy / 2))
+        iou = ix * iy / ((rx2 - rx1) * (ry2 - ry1) + sx * sy - ix * iy)
+        if iou > best_iou:
+            best, best_iou = det, iou
+    assert best_iou > 0.5, f"frame {stamp}: no detection on the minivan"
+    return next(o for o in d3.detections if o.id == best.id)
+
+
+def test_process_depth_topic_gives_the_minivan_its_depth(bags, tmp_path):
+    """Aligned 16UC1 depth (paired by stamp, 2 ms apart): the minivan's object comes from the
+    depth in its box, the others from the ground plane; a frame without depth falls back."""
+    from perception2d_ros.bringup import pipeline_config
+    from perception2d_ros.cli.process import process_bag
+
+    cfg = pipeline_config(_params(tmp_path / "d.yaml", "tf", depth_topic="depth/image_raw"))
+    stats = process_bag(bags["depth"], tmp_path / "out.mcap", cfg, progress=False)
+    assert stats["frames_out"] == 3
+    out = _read_outputs(tmp_path / "out.mcap")
+    cam, c = _camera(), _camera_in_base().translation
+    sources = []
+    for d2, d3 in zip(out["/camera/detections"], out["/camera/detections/objects"]):
+        obj = _minivan_object(cam, d2, d3)
+        src = obj.results[-1].hypothesis
+        sources.append(src.class_id)
+        dist = float(np.hypot(obj.bbox.center.position.x - c[0],
+                              obj.bbox.center.position.y - c[1]))
+        if src.class_id == "position:depth_box":
+            assert src.score == pytest.approx(1.0)      # every central pixel had depth
+            assert dist == pytest.approx(DEPTH_M, abs=0.5)  # optical depth ~ range ahead
+        else:
+            assert 27 < dist < 33                        # ground plane, as without depth
+        others = [o.results[-1].hypothesis.class_id for o in d3.detections if o is not obj]
+        assert set(others) <= {"position:ground_plane", "position:depth_box"}
+    assert sources == ["position:depth_box", "position:ground_plane", "position:depth_box"]
 
 
 # --------------------------------------------------------------------------- live node
@@ -368,5 +431,73 @@ def test_live_node_extrinsics_from_tf_static_equal_parameters():
         np.testing.assert_allclose(_ground_array([a]), _ground_array([b]), atol=1e-6)
         np.testing.assert_allclose(_objects_array([got["tf"]["/objects"][-1]]),
                                    _objects_array([got["params"]["/objects"][-1]]), atol=1e-6)
+    finally:
+        h.close()
+
+
+@pytest.mark.ros
+def test_live_node_depth_topic_32fc1():
+    """A live pipeline_node with depth_topic: the depth image (32FC1, metres) published a
+    little after its frame is paired by stamp and gives the minivan its depth."""
+    pytest.importorskip("rclpy", reason="node tests need rclpy (installed by `make test`)")
+    from rclpy.parameter import Parameter
+    from rclpy.serialization import deserialize_message
+    from sensor_msgs.msg import CameraInfo, Image
+    from vision_msgs.msg import Detection2DArray, Detection3DArray
+
+    from perception2d_ros.core.bagio import camera_info_msg, image_msg, make_typestore
+    from perception2d_ros.ros.perception_node import PerceptionNode
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from ros_harness import RELIABLE, RosHarness, wait_for
+
+    store = make_typestore()
+    cam = _camera()
+    ts = _apollo_stamps()[0]
+
+    def ros_msg(rosbags_msg, kind, cls):
+        return deserialize_message(bytes(store.serialize_cdr(rosbags_msg, kind)), cls)
+
+    img = ros_msg(image_msg(store, cv2.imread(str(APOLLO / "images" / f"{ts}.jpg")), ts,
+                            CAM_FRAME), "sensor_msgs/msg/Image", Image)
+    info = ros_msg(camera_info_msg(store, cam.to_camera_info_dict(), ts, CAM_FRAME),
+                   "sensor_msgs/msg/CameraInfo", CameraInfo)
+    depth = ros_msg(image_msg(store, _depth_image(ts).astype(np.float32) / 1000.0, ts + 3_000_000,
+                              CAM_FRAME, "32FC1"), "sensor_msgs/msg/Image", Image)
+    e = _camera_in_base()
+    body = Extrinsics("base_link", e.translation, e.rotation @ BODY_TO_OPTICAL.T)
+    h = RosHarness()
+    try:
+        node = h.add_node(PerceptionNode("pipeline_node", context=h.context, namespace="/cam",
+                                         parameter_overrides=[
+            Parameter("stages", value=["rectify", "detect"]),
+            Parameter("image_reliability", value="reliable"),
+            Parameter("depth_topic", value="depth/image_raw"),
+            Parameter("extrinsics.enabled", value=True),
+            Parameter("extrinsics.translation", value=[float(v) for v in e.translation]),
+            Parameter("extrinsics.rotation_quaternion",
+                      value=[float(v) for v in body.quaternion_xyzw])]))
+        dets = h.subscribe(Detection2DArray, "/cam/detections", RELIABLE)
+        objs = h.subscribe(Detection3DArray, "/cam/detections/objects", RELIABLE)
+        pubs = [h.publisher(t, f"/cam/{n}", RELIABLE) for t, n in
+                ((Image, "depth/image_raw"), (CameraInfo, "camera_info"), (Image, "image_raw"))]
+        assert all(h.wait_matched(p) for p in pubs)
+        # a depth image first (an older stamp) so the stream is live, then the frame, then
+        # its own depth
+        old = ros_msg(image_msg(store, np.zeros((1080, 1920), np.float32), ts - 10**9,
+                                CAM_FRAME, "32FC1"), "sensor_msgs/msg/Image", Image)
+        pubs[0].publish(old)
+        assert wait_for(lambda: node.cams[0].depth is not None
+                        and node.cams[0].depth._last_secondary is not None, 10)
+        pubs[1].publish(info)
+        pubs[2].publish(img)
+        pubs[0].publish(depth)
+        assert wait_for(lambda: len(objs) == 1 and len(dets) == 1, 60)
+        obj = _minivan_object(cam, dets[0], objs[0])
+        assert obj.results[-1].hypothesis.class_id == "position:depth_box"
+        c = e.translation
+        assert float(np.hypot(obj.bbox.center.position.x - c[0],
+                              obj.bbox.center.position.y - c[1])) == pytest.approx(DEPTH_M,
+                                                                                  abs=0.5)
     finally:
         h.close()

@@ -982,7 +982,8 @@ def find_camera_topics(
     (sensor_msgs/CompressedImage, image_transport's compressed format) — raw first, it needs
     no decoding; with ``rectified`` (no rectify stage) ``image_rect`` before ``image_raw``.
     Failing those, any image topic whose namespace has a ``camera_info`` (e.g. a driver's
-    ``…/image/compressed``). Ties are broken by topic name.
+    ``…/image/compressed``). Among streams of one name, one with a ``camera_info`` beside it
+    wins (a colour camera over its ``…/depth/image_raw``); other ties by topic name.
 
     Args:
         topics: topic name -> :class:`TopicMeta`, :func:`bag_info` topic dict or type name.
@@ -1011,8 +1012,9 @@ def find_camera_topics(
     leaves = ["image_rect", "image_raw"] if rectified else ["image_raw"]
     for leaf in leaves:
         named = [s for s in streams_ns if s.base.rsplit("/", 1)[-1] == leaf]
-        if named:
-            return sorted(named, key=lambda s: (s.transport != "raw", s.image))[0]
+        if named:  # a camera beside its camera_info first (not e.g. <ns>/depth/image_raw)
+            return sorted(named, key=lambda s: (s.camera_info is None, s.transport != "raw",
+                                                s.image))[0]
     usable = [s for s in streams_ns if rectified or s.camera_info is not None]
     if usable:
         return sorted(usable, key=lambda s: (s.transport != "raw", s.image))[0]

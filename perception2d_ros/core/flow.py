@@ -117,20 +117,23 @@ class StampMatcher:
     arrived (nothing closer can come), or when more than ``max_pending`` primaries wait, or
     (live) when no secondary arrived for ``stale_s`` seconds — then primaries pass at once
     with the best match there is (None when none), so a dead secondary stream never stalls
-    the primary one. :meth:`flush` emits everything still waiting (end of a bag)."""
+    the primary one; live, a primary also goes once it waited ``max_wait_s`` (call
+    :meth:`poll` periodically). :meth:`flush` emits everything still waiting (end of a bag)."""
 
     def __init__(self, on_match: Callable[[Any, Any], None], slop_ns: int = 20_000_000,
                  max_pending: int = 3, depth: int = 10, stale_s: float | None = 1.0,
                  stamp: Callable[[Any], int] | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 max_wait_s: float | None = None) -> None:
         self.on_match = on_match
+        self.max_wait_s = max_wait_s
         self.slop_ns = slop_ns
         self.max_pending = max_pending
         self.stale_s = stale_s
         self._stamp = stamp or (lambda m: int(m.header.stamp.sec) * 1_000_000_000
                                 + int(m.header.stamp.nanosec))
         self._clock = clock
-        self._pending: deque[tuple[int, Any]] = deque()
+        self._pending: deque[tuple[int, Any, float]] = deque()
         self._secondary: deque[Any] = deque(maxlen=depth)
         self._last_secondary: float | None = None
         self._lock = threading.Lock()
@@ -138,7 +141,13 @@ class StampMatcher:
 
     def add_primary(self, item: Any, stamp_ns: int) -> None:
         with self._lock:
-            self._pending.append((int(stamp_ns), item))
+            self._pending.append((int(stamp_ns), item, self._clock()))
+            out = self._ready()
+        self._emit(out)
+
+    def poll(self) -> None:
+        """Emit what has waited long enough (live: call it from a timer or worker loop)."""
+        with self._lock:
             out = self._ready()
         self._emit(out)
 
@@ -151,7 +160,7 @@ class StampMatcher:
 
     def flush(self) -> None:
         with self._lock:
-            out = [(item, self._best(ts)) for ts, item in self._pending]
+            out = [(item, self._best(ts)) for ts, item, _ in self._pending]
             self._pending.clear()
         self._emit(out)
 
@@ -168,12 +177,14 @@ class StampMatcher:
         newest = max((self._stamp(m) for m in self._secondary), default=None)
         stale = (self.stale_s is not None and (self._last_secondary is None or
                  self._clock() - self._last_secondary > self.stale_s))
+        now = self._clock()
         while self._pending:
-            ts, item = self._pending[0]
+            ts, item, t_in = self._pending[0]
             best = self._best(ts)
             exact = best is not None and self._stamp(best) == ts
             passed = newest is not None and newest > ts + self.slop_ns
-            if not (exact or passed or stale or len(self._pending) > self.max_pending):
+            waited = self.max_wait_s is not None and now - t_in >= self.max_wait_s
+            if not (exact or passed or stale or waited or len(self._pending) > self.max_pending):
                 break
             self._pending.popleft()
             out.append((item, best))

@@ -330,8 +330,10 @@ class PerceptionNode(LifecycleNode):
             if depth_topic and self.runner.objects_enabled:
                 from perception2d_ros.core.flow import StampMatcher
 
+                # a frame waits for its depth at most 2 slops (min 50 ms) of wall time
                 cam.depth = StampMatcher(lambda item, depth, cam=cam: self._on_depth_pair(
-                    cam, item, depth), slop_ns=slop, max_pending=2)
+                    cam, item, depth), slop_ns=slop, max_pending=2,
+                    max_wait_s=max(0.05, 2 * slop / 1e9))
                 self._subs.append(self.create_subscription(
                     Image, cam.topic(depth_topic), cam.depth.add_secondary, qos,
                     event_callbacks=events))
@@ -602,7 +604,10 @@ class PerceptionNode(LifecycleNode):
                                        f"{image_msg.header.stamp.nanosec:09d} on "
                                        f"{cam.input_topic} dropped: {exc}")
             if not served:
-                self._wake.wait(0.2)
+                waiting = [c.depth for c in self.cams if c.depth is not None]
+                for matcher in waiting:  # frames whose depth did not come in time
+                    matcher.poll()
+                self._wake.wait(0.02 if waiting else 0.2)
 
     def _process(self, cam: "CameraIO", image_msg: Image, info_msg: CameraInfo | None,
                  detections_msg: Any = None, depth_msg: Image | None = None) -> None:
