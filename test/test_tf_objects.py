@@ -129,7 +129,7 @@ def _depth_image(stamp: int) -> np.ndarray:
     return depth
 
 
-def _make_bag(path: Path, static: list, dynamic: list | None = None, n: int = 8,
+def _make_bag(path: Path, static: list, dynamic: list | None = None, n: int = 3,
               depth: bool = False) -> Path:
     from perception2d_ros.core.bagio import BagWriter, camera_info_msg, image_msg
 
@@ -206,8 +206,9 @@ def _objects_array(msgs) -> np.ndarray:
 @pytest.fixture(scope="module")
 def bags(tmp_path_factory):
     d = tmp_path_factory.mktemp("tfbags")
-    return {"static": _make_bag(d / "static.mcap", [LIDAR_LINK, CAMERA_LINK]),
-            "dynamic": _make_bag(d / "dynamic.mcap", [CAMERA_LINK], [LIDAR_LINK]),
+    n = len(_apollo_stamps())  # the frames in test/data (3)
+    return {"static": _make_bag(d / "static.mcap", [LIDAR_LINK, CAMERA_LINK], n=n),
+            "dynamic": _make_bag(d / "dynamic.mcap", [CAMERA_LINK], [LIDAR_LINK], n=n),
             "missing": _make_bag(d / "missing.mcap", [CAMERA_LINK], n=3),
             "depth": _make_bag(d / "depth.mcap", [LIDAR_LINK, CAMERA_LINK], n=3, depth=True)}
 
@@ -237,13 +238,15 @@ def processed(bags, tmp_path_factory):
 
 def test_process_tf_static_equals_the_same_extrinsics_as_parameters(processed):
     ref = processed["params"]
-    assert len(ref["/camera/detections"]) == 8
-    assert len(ref["/camera/detections/ground"]) == 8
-    assert len(ref["/camera/detections/objects"]) == 8
+    n = len(_apollo_stamps())
+    assert n >= 3
+    assert len(ref["/camera/detections"]) == n
+    assert len(ref["/camera/detections/ground"]) == n
+    assert len(ref["/camera/detections/objects"]) == n
     for name in ("static", "dynamic"):
         got = processed[name]
-        assert len(got["/camera/detections/ground"]) == 8, name
-        assert len(got["/camera/detections/objects"]) == 8, name
+        assert len(got["/camera/detections/ground"]) == n, name
+        assert len(got["/camera/detections/objects"]) == n, name
         for a, b in zip(got["/camera/detections/ground"], ref["/camera/detections/ground"]):
             assert a.header == b.header and a.header.frame_id == "base_link"
         np.testing.assert_allclose(_ground_array(got["/camera/detections/ground"]),
