@@ -98,6 +98,20 @@ def test_minivan_ahead_is_about_30m_and_moves_smoothly():
     assert np.all((sizes[:, 2] > 1.5) & (sizes[:, 2] < 2.1)), sizes[:, 2]
 
 
+@pytest.mark.parametrize("key,value,match", [
+    ("extrinsics.source", "lidar", "extrinsics.source: 'lidar' is not one of params, tf"),
+    ("extrinsics.tf_timeout_s", -1.0, "extrinsics.tf_timeout_s: -1.0 must be >= 0"),
+    ("depth_topic", 3, "depth_topic: 3 must be a topic name string"),
+])
+def test_config_errors_name_the_parameter(key, value, match):
+    from perception2d_ros.core.pipeline import merge_config, validate_config
+
+    group, _, name = key.rpartition(".")
+    cfg = merge_config({group: {name: value}} if group else {name: value})
+    with pytest.raises(ValueError, match=match):
+        validate_config(cfg)
+
+
 # ------------------------------------------------------------------------------ bags
 def _tf_msg(ts, transforms: list[tuple[str, str, list[float], list[float]]], stamp_ns: int):
     T = ts.types
@@ -325,9 +339,15 @@ def test_process_depth_topic_gives_the_minivan_its_depth(bags, tmp_path):
     from perception2d_ros.cli.process import process_bag
 
     cfg = pipeline_config(_params(tmp_path / "d.yaml", "tf", depth_topic="depth/image_raw"))
-    stats = process_bag(bags["depth"], tmp_path / "out.mcap", cfg, progress=False)
+    stats = process_bag(bags["depth"], tmp_path / "out.mcap", cfg, progress=False,
+                        debug_image=True)
     assert stats["frames_out"] == 3
     out = _read_outputs(tmp_path / "out.mcap")
+    from perception2d_ros.core.bagio import BagReader
+
+    with BagReader(tmp_path / "out.mcap") as reader:   # the debug image shows distances
+        assert reader.topics["/camera/debug_image"].count == 3
+        assert reader.topics["/camera/depth/image_raw"].count == 2  # copied to the output
     cam, c = _camera(), _camera_in_base().translation
     sources = []
     for d2, d3 in zip(out["/camera/detections"], out["/camera/detections/objects"]):
@@ -504,3 +524,13 @@ def test_live_node_depth_topic_32fc1():
                                                                                   abs=0.5)
     finally:
         h.close()
+
+
+@pytest.mark.ros
+def test_node_refuses_a_bad_extrinsics_source():
+    pytest.importorskip("rclpy", reason="node tests need rclpy (installed by `make test`)")
+    from perception2d_ros.ros.perception_node import check_parameter
+
+    assert check_parameter("extrinsics.source", "tf") is None
+    assert check_parameter("extrinsics.source", "lidar") == \
+        "extrinsics.source: 'lidar' must be one of params, tf"
