@@ -542,7 +542,8 @@ class PerceptionNode(LifecycleNode):
         static_qos = QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE,
                                 durability=DurabilityPolicy.TRANSIENT_LOCAL,
                                 history=HistoryPolicy.KEEP_LAST)
-        dynamic_qos = QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE,
+        # best effort accepts both reliable broadcasters and best-effort replays (bag play)
+        dynamic_qos = QoSProfile(depth=100, reliability=ReliabilityPolicy.BEST_EFFORT,
                                  history=HistoryPolicy.KEEP_LAST)
         self._subs.append(self.create_subscription(
             TFMessage, "/tf_static", lambda m: on_tf(m, True), static_qos))
