@@ -155,7 +155,8 @@ def _make_bag(path: Path, static: list, dynamic: list | None = None, n: int = 3,
                             ("/tf_static", "tf2_msgs/msg/TFMessage"),
                             ("/tf", "tf2_msgs/msg/TFMessage"),
                             ("/camera/depth/image_raw", "sensor_msgs/msg/Image")):
-            bag.add_topic(topic, kind)
+            if depth or "depth" not in topic:
+                bag.add_topic(topic, kind)
         if static:
             bag.write("/tf_static", stamps[0] - 10**6, _tf_msg(bag.typestore, static, stamps[0]))
         if dynamic:  # 20 Hz around the frames: each frame lies between two samples
@@ -534,3 +535,45 @@ def test_node_refuses_a_bad_extrinsics_source():
     assert check_parameter("extrinsics.source", "tf") is None
     assert check_parameter("extrinsics.source", "lidar") == \
         "extrinsics.source: 'lidar' must be one of params, tf"
+
+
+@pytest.mark.ros
+def test_bag_play_with_tf_into_a_live_node(bags):
+    """As a user runs it: `perception2d bag play` of a bag with /tf_static (latched) and the
+    lidar link on /tf, into a live pipeline_node with extrinsics.source tf."""
+    pytest.importorskip("rclpy", reason="node tests need rclpy (installed by `make test`)")
+    import os
+
+    from rclpy.parameter import Parameter
+    from perception2d_interfaces.msg import GroundPositionArray
+    from vision_msgs.msg import Detection3DArray
+
+    from perception2d_ros.ros.perception_node import PerceptionNode
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from ros_harness import RELIABLE, RosHarness, wait_for
+
+    h = RosHarness()
+    try:
+        node = h.add_node(PerceptionNode("pipeline_node", context=h.context, namespace="/camera",
+                                         parameter_overrides=[
+            Parameter("stages", value=["rectify", "detect"]),
+            Parameter("image_reliability", value="reliable"),
+            Parameter("extrinsics.enabled", value=True),
+            Parameter("extrinsics.source", value="tf"),
+            Parameter("extrinsics.tf_timeout_s", value=2.0)]))
+        ground = h.subscribe(GroundPositionArray, "/camera/detections/ground", RELIABLE)
+        objs = h.subscribe(Detection3DArray, "/camera/detections/objects", RELIABLE)
+        # rate 0.2: the CPU detector keeps up, so newest-wins drops nothing
+        player = subprocess.run(
+            [sys.executable, "-m", "perception2d_ros", "bag", "play", str(bags["dynamic"]),
+             "--rate", "0.2", "--wait-subscribers", "1", "--wait-timeout", "30", "--reliable"],
+            cwd=REPO, env=dict(os.environ), capture_output=True, text=True, timeout=120)
+        assert player.returncode == 0, player.stderr
+        n = len(_apollo_stamps())
+        assert wait_for(lambda: len(ground) == n and len(objs) == n, 60), \
+            (len(ground), len(objs), dict(node.errors.counts))
+        assert {g.header.frame_id for g in ground} == {"base_link"}
+        assert "base_link" in node.runner.tf_buffer.frames
+    finally:
+        h.close()
