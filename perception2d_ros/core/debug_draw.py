@@ -123,6 +123,7 @@ def _with_distance(extra: Sequence[str] | None, objects: Any, n: int) -> list[st
     for i in range(n):
         text = extra[i] if extra is not None else ""
         if objects.valid[i]:
-            text = f"{text} | {objects.distance[i]:.1f} m" if text else f"{objects.distance[i]:.1f} m"
+            dist = f"{objects.distance[i]:.1f} m"
+            text = f"{text} | {dist}" if text else dist
         out.append(text)
     return out

@@ -6,24 +6,24 @@ Two sources of position, per detection:
   bottom-centre pixel meets the ground plane ``z = plane_height`` of the extrinsics' parent
   frame — the point where the object stands (the ground positions of ``detections/ground``).
   Width = distance across the line of sight between the ground points under the box's
-  bottom-left and bottom-right corners; height = where the ray through the box's top-centre pixel passes the object
-  (the vertical plane through the standing point, facing the camera), above the plane.
-  The extent along the line of sight is not observed: 0. A box whose bottom is at or above
-  the horizon gets no position.
+  bottom-left and bottom-right corners; height = where the ray through the box's top-centre
+  pixel passes the object (the vertical plane through the standing point, facing the
+  camera), above the plane. The extent along the line of sight is not observed: 0. A box
+  whose bottom is at or above the horizon gets no position.
 * ``depth_mask`` / ``depth_box`` (an aligned depth image): the depth pixels inside the SAM mask
-  of the detection when SAM ran, else a grid over the central half of the box (the middle
-  50 % in x and y, where the object is, not the background around it). Zeros and NaNs are
-  ignored. ``depth_mask``: the box spans the 2nd–98th percentiles of the masked points (robust to a few
-  stray mask pixels on the background) along
-  the line of sight, across it and vertically; ``depth_box``: the position is the median of
-  the central points, width and height are the box's pixel extent at that median depth and
+  of the detection when SAM ran in the same process, else a grid over the central half of
+  the box (the middle 50 % in x and y, where the object is, not the background around it).
+  Zeros and NaNs are ignored. ``depth_mask``: the box spans the 2nd–98th percentiles of the
+  masked points (robust to a few stray mask pixels on the background) along the line of
+  sight, across it and vertically; ``depth_box``: the position is the median of the central
+  points, width and height are the box's pixel extent at that median depth and
   the extent along the line of sight is the 2nd–98th percentile spread of those points.
 
 Boxes are upright and turned to face the camera: ``yaw`` = heading of the line of sight from
 the camera to the object in the parent frame; sizes are (along the line of sight, across it,
 vertical). ``center`` is the box's geometric centre (for ``ground_plane``: above the
-standing point by half the height); ``footprint`` is where it meets the ground (``ground_plane``)
-or the centre's projection onto the plane (depth). ``distance`` = horizontal distance from the
+standing point by half the height); ``footprint`` is where it meets the ground
+(``ground_plane``) or the centre's projection onto the plane (depth). ``distance`` = horizontal distance from the
 camera's optical centre to ``center``.
 
 The depth image is registered to the colour camera as it is *published* (raw pixels, before
