@@ -23,8 +23,8 @@ Boxes are upright and turned to face the camera: ``yaw`` = heading of the line o
 the camera to the object in the parent frame; sizes are (along the line of sight, across it,
 vertical). ``center`` is the box's geometric centre (for ``ground_plane``: above the
 standing point by half the height); ``footprint`` is where it meets the ground
-(``ground_plane``) or the centre's projection onto the plane (depth). ``distance`` = horizontal distance from the
-camera's optical centre to ``center``.
+(``ground_plane``) or the centre's projection onto the plane (depth). ``distance`` =
+horizontal distance from the camera's optical centre to ``center``.
 
 The depth image is registered to the colour camera as it is *published* (raw pixels, before
 rectification): pixels of a rectified working image are mapped back through the calibration
