@@ -56,6 +56,8 @@ NODE_KINDS: dict[str, dict[str, Any]] = {
     "sam_node": {"stages": ["sam"], "input": "rect"},
     "clip_node": {"stages": ["clip"], "input": "rect"},
     "lseg_node": {"stages": ["lseg"], "input": "rect"},
+    # detections_in → tracked `detections` (no image: the tracker needs boxes only)
+    "track_node": {"stages": ["track"], "input": "rect"},
 }
 
 
@@ -91,6 +93,11 @@ PARAMETER_CHECKS: dict[str, Any] = {
     "detect.conf_threshold": _number(0.0, 1.0),
     "detect.iou_threshold": _number(0.0, 1.0),
     "detect.max_detections": _number(1),
+    **{f"track.{k}": _number(0.0, 1.0) for k in ("high_threshold", "low_threshold",
+                                                 "new_track_threshold", "match_iou",
+                                                 "low_match_iou")},
+    "track.min_hits": _number(1),
+    "track.max_age": _number(0),
 }
 
 
@@ -170,7 +177,8 @@ class PerceptionNode(LifecycleNode):
     # ----------------------------------------------------------------- parameters
     def _declare(self, d: dict[str, Any], spec: dict[str, Any]) -> None:
         p = self.declare_parameter
-        p("stages", d["stages"], _desc("stages to run, in order: rectify, detect, sam, clip, lseg"))
+        p("stages", d["stages"], _desc("stages to run, in order: rectify, detect, track, sam, "
+                                       "clip, lseg"))
         p("input", spec["input"], _desc("raw: image_raw + camera_info (synced); rect: image_rect"
                                         " (+ camera_info_rect for ground positions)"))
         p("image_transport", "raw", _desc(
@@ -196,12 +204,19 @@ class PerceptionNode(LifecycleNode):
         p("vocabulary", d["vocabulary"], _desc(
             "open-vocabulary phrases shared by CLIP and LSeg; changeable at runtime (also via "
             "the `vocabulary` topic, comma-separated); [''] = the stage's default"))
+        p("detections_in_tracked", d["detections_in_tracked"], _desc(
+            "separate sam/clip nodes: detections_in comes from a track_node, so its "
+            "Detection2D.id are track ids (kept; CLIP accumulates labels per track)"))
+        from perception2d_ros.core.tracking import DESCRIPTIONS as TRACK
+
         what = {"detect": "detector", "extrinsics": "camera pose in the base frame",
-                "sam": "SAM masks", "clip": "CLIP labels", "lseg": "LSeg label map"}
+                "track": "tracker", "sam": "SAM masks", "clip": "CLIP labels",
+                "lseg": "LSeg label map"}
         for group in STAGE_GROUPS:
             for key, value in d[group].items():
+                text = TRACK.get(key) if group == "track" else None
                 p(f"{group}.{key}", value if value != [] else [""],
-                  _desc(f"{what[group]}: {key}"))
+                  _desc(text or f"{what[group]}: {key}"))
 
     def _config_from_params(self) -> dict[str, Any]:
         g = lambda n: self.get_parameter(n).value  # noqa: E731
@@ -211,6 +226,7 @@ class PerceptionNode(LifecycleNode):
             "interpolation": g("interpolation"),
             "output_encoding": g("output_encoding"),
             "models_dir": g("models_dir"),
+            "detections_in_tracked": bool(g("detections_in_tracked")),
             "vocabulary": [v for v in g("vocabulary") if v],
             **{grp: {k: g(f"{grp}.{k}") for k in defaults[grp]} for grp in STAGE_GROUPS},
         })
@@ -248,6 +264,8 @@ class PerceptionNode(LifecycleNode):
             self.get_logger().error(f"configure failed: {exc}")
             return TransitionCallbackReturn.FAILURE
         names = self.pipeline.names
+        if "track" in names:  # track resets (stamp back, frame_id change): the node's log
+            self._stage("track").log = self.get_logger().warning
         prefixes = [c.strip("/") for c in self.get_parameter("cameras").value] or [""]
         if len(set(prefixes)) != len(prefixes):
             self.get_logger().error(f"configure failed: cameras: duplicates in {prefixes}")
@@ -268,6 +286,10 @@ class PerceptionNode(LifecycleNode):
                 pub(LabelInfo, "detections/label_info", LATCHED)
                 if self.cfg["extrinsics"]["enabled"]:
                     pub(GroundPositionArray, "detections/ground", RESULTS)
+            if "track" in names and "detect" not in names and "clip" not in names:
+                from vision_msgs.msg import Detection2DArray
+
+                pub(Detection2DArray, "detections", RESULTS)  # track_node: tracked detections
             if "sam" in names:
                 from vision_msgs.msg import Detection2DArray
 
@@ -279,6 +301,7 @@ class PerceptionNode(LifecycleNode):
                 if "detect" not in names:  # clip_node: the labelled detections are its output
                     pub(Detection2DArray, "detections", RESULTS)
                 pub(Classification, "clip/labels", RESULTS)
+                pub(Detection2DArray, "clip/detections", RESULTS)  # frame labels (tracked)
                 pub(LabelInfo, "clip/label_info", LATCHED)
             if "lseg" in names:
                 from vision_msgs.msg import LabelInfo
@@ -323,6 +346,14 @@ class PerceptionNode(LifecycleNode):
                 self._subs.append(self.create_subscription(
                     CameraInfo, cam.topic("camera_info"), cam.sync.add_info, qos,
                     event_callbacks=events))
+            elif self._detections_only():  # track_node: boxes in, tracked boxes out
+                from vision_msgs.msg import Detection2DArray
+
+                cam.sync = None
+                cam.input_topic = self.resolve_topic_name(cam.topic("detections_in"))
+                self._subs.append(self.create_subscription(
+                    Detection2DArray, cam.input_topic,
+                    lambda m, cam=cam: self._on_detections_only(cam, m), RESULTS))
             else:
                 cam.sync = None
                 self._subs.append(self.create_subscription(
@@ -489,7 +520,17 @@ class PerceptionNode(LifecycleNode):
 
     def _needs_detections_input(self) -> bool:
         names = self.pipeline.names if self.pipeline is not None else []
-        return "detect" not in names and any(n in names for n in ("sam", "clip"))
+        return "detect" not in names and any(n in names for n in ("track", "sam", "clip"))
+
+    def _detections_only(self) -> bool:
+        """Every stage works on boxes alone (track_node): no image subscription."""
+        names = self.pipeline.names if self.pipeline is not None else []
+        return bool(names) and set(names) <= {"track"}
+
+    def _on_detections_only(self, cam: "CameraIO", msg: Any) -> None:
+        self.frames_in += 1
+        cam.frames_in += 1
+        cam.slot.put((None, None, time.monotonic(), msg))
 
     def _on_rect_image(self, cam: "CameraIO", msg: Image) -> None:
         self.frames_in += 1
@@ -534,20 +575,22 @@ class PerceptionNode(LifecycleNode):
                     continue
                 served = True
                 image_msg, info_msg, t_recv = item[:3]
+                head = (image_msg if image_msg is not None else item[3]).header
                 try:
                     self._process(cam, image_msg, info_msg, *item[3:])
                     self._latency.append(time.monotonic() - t_recv)
                 except Exception as exc:  # bad input or a stage failure: log, count, go on
-                    self.errors.report(error_key(exc), f"frame {image_msg.header.stamp.sec}."
-                                       f"{image_msg.header.stamp.nanosec:09d} on "
+                    self.errors.report(error_key(exc), f"frame {head.stamp.sec}."
+                                       f"{head.stamp.nanosec:09d} on "
                                        f"{cam.input_topic} dropped: {exc}")
             if not served:
                 self._wake.wait(0.2)
 
     def _process(self, cam: "CameraIO", image_msg: Image, info_msg: CameraInfo | None,
                  detections_msg: Any = None) -> None:
-        stamp = conv.stamp_to_ns(image_msg.header.stamp)
-        fid = image_msg.header.frame_id
+        header = (image_msg if image_msg is not None else detections_msg).header
+        stamp = conv.stamp_to_ns(header.stamp)
+        fid = header.frame_id
         last = cam.last_stamp.get(fid)
         if last is not None and stamp <= last:
             self.errors.report("header.stamp", f"header.stamp: {stamp} ns is not newer than the "
@@ -556,7 +599,7 @@ class PerceptionNode(LifecycleNode):
             self.errors.report("header.frame_id", f"header.frame_id: '{fid}' differs from the "
                                f"stream's {sorted(cam.last_stamp)}; processed anyway")
         cam.last_stamp[fid] = stamp
-        frame, msgs = self.runner.run(image_msg, info_msg, detections_msg)
+        frame, msgs = self.runner.run(image_msg, info_msg, detections_msg, source=cam.prefix)
         for topic, msg in msgs:
             pub = cam.pubs.get(topic)
             if pub is not None:
