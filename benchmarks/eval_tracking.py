@@ -89,10 +89,10 @@ def run_clip(images: list[Path], detector: Any) -> tuple[list[dict[str, Any]], l
     for i, path in enumerate(images):
         frame = Frame(np.zeros((1, 1), np.uint8), "mono8", i, "cam")
         frame.detections = detector.detect(cv2.imread(str(path)))
-        raw = len(frame.detections)
+        raw = [[round(float(v), 1) for v in b] for b in frame.detections.xyxy]
         stage.process(frame)
         cost.append(frame.timings["track"])
-        out.append({"image": path.name, "raw_detections": raw,
+        out.append({"image": path.name, "raw_xyxy": raw,
                     "tracked": [{"id": tid, "class": n, "score": round(float(s), 3),
                                  "xyxy": [round(float(v), 1) for v in b]}
                                 for tid, n, s, b in zip(frame.track_ids,
@@ -209,6 +209,7 @@ def main() -> None:
             "frames": len(apollo),
             "gt_identity": "class of the det_gt.txt box (one box per class per frame)",
             "clear_mot": mot_metrics(apollo, gt),
+            "detector_recall_iou50": detector_recall(apollo, gt),
             "minivan": ids_of(apollo, minivan),
             "unique_ids": all_ids(apollo),
             "vehicles_in_gt": 2,
@@ -228,6 +229,20 @@ def main() -> None:
         args.out.write_text(text + "\n")
     summary = {k: v for k, v in result.items() if k != "per_frame"}
     print(json.dumps(summary, indent=1))
+
+
+def detector_recall(frames: list[dict[str, Any]], gt: dict[str, list]) -> dict[str, float]:
+    """Share of frames in which the detector (any score >= 0.1) has a box at IoU >= 0.5
+    with each GT object: the ceiling for the tracker's recall."""
+    from perception2d_ros.core.tracking import iou_matrix
+
+    hit: dict[int, int] = {}
+    for f in frames:
+        raw = np.array(f["raw_xyxy"]).reshape(-1, 4)
+        for ident, b in gt[Path(f["image"]).stem]:
+            ok = len(raw) and iou_matrix(b[None], raw).max() >= 0.5
+            hit[ident] = hit.get(ident, 0) + bool(ok)
+    return {f"gt_{k}": round(v / len(frames), 3) for k, v in sorted(hit.items())}
 
 
 def _versions() -> dict[str, str]:
