@@ -271,7 +271,9 @@ class PerceptionNode(LifecycleNode):
             self.get_logger().error(f"configure failed: cameras: duplicates in {prefixes}")
             return TransitionCallbackReturn.FAILURE
         self.cams = [CameraIO(p) for p in prefixes]
-        debug = bool(self.get_parameter("publish_debug_image").value)
+        # a detections-only node (track_node) has no image to draw on
+        debug = bool(self.get_parameter("publish_debug_image").value) and \
+            not self._detections_only()
         for cam in self.cams:
             pub = lambda t, rel, q: cam.pubs.__setitem__(  # noqa: E731
                 rel, self.create_publisher(t, cam.topic(rel), q))
@@ -626,6 +628,10 @@ class PerceptionNode(LifecycleNode):
                 engine = getattr(getattr(stage, "detector", None), "engine", None)
                 if engine is not None:
                     values[f"{stage.name}.backend"] = f"{engine.backend}({engine.device})"
+        track = self._stage("track")
+        if track is not None:
+            values["track.active_tracks"] = str(sum(len(t) for t in track.trackers.values()))
+            values["track.resets"] = str(track.resets)
         if self._latency:
             arr = np.asarray(self._latency) * 1e3
             values["receive_to_publish_ms_p50"] = f"{np.percentile(arr, 50):.2f}"
