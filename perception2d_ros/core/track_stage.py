@@ -81,4 +81,8 @@ class TrackStage:
 
 
 def build_stage(cfg: dict[str, Any]) -> TrackStage:
-    return TrackStage(TrackerConfig.from_dict(cfg.get("track") or {}))
+    from perception2d_ros.core.tracking import assign
+
+    stage = TrackStage(TrackerConfig.from_dict(cfg.get("track") or {}))
+    assign(np.zeros((1, 1)), 1.0)  # load the solver at configure: a missing one fails here
+    return stage

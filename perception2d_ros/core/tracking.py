@@ -145,8 +145,12 @@ def _solver() -> Any:
         def solve(cost: np.ndarray, limit: float) -> list[tuple[int, int]]:
             _, x, _ = lap.lapjv(cost, extend_cost=True, cost_limit=limit)
             return [(i, int(j)) for i, j in enumerate(x) if j >= 0]
-    except ImportError:  # pragma: no cover - lap is a runtime requirement
-        from scipy.optimize import linear_sum_assignment
+    except ImportError:  # lap is a runtime requirement; SciPy (apt: python3-scipy) also works
+        try:
+            from scipy.optimize import linear_sum_assignment
+        except ImportError:
+            raise ImportError("track: the tracker needs the `lap` package (pip install lap) "
+                              "or SciPy for its assignment; neither is installed") from None
 
         def solve(cost: np.ndarray, limit: float) -> list[tuple[int, int]]:
             rows, cols = linear_sum_assignment(cost)
