@@ -218,3 +218,64 @@ def test_track_node_tracks_each_camera_independently():
         assert diag["track.resets"] == "1" and diag["track.active_tracks"] == "2"
     finally:
         h.close()
+
+
+@pytest.mark.ros
+@pytest.mark.parametrize("pipeline", ["false", "true"])
+def test_bringup_cli_tracks_real_frames(tmp_path, pipeline):
+    """`perception2d bringup --pipeline false|true` with `stages: [detect, track]`, as a user
+    starts it (separate processes: detector_node → detections/raw → track_node → detections;
+    or one pipeline_node): frames of the real clip in on image_raw, tracked detections out,
+    each car one id."""
+    pytest.importorskip("rclpy")
+    import signal
+
+    from rclpy.qos import QoSProfile, ReliabilityPolicy
+    from sensor_msgs.msg import CameraInfo, Image
+    from std_msgs.msg import Header
+    from vision_msgs.msg import Detection2DArray
+
+    from perception2d_ros.ros import conversions as conv
+    from ros_harness import RELIABLE, RosHarness, wait_for
+
+    # the clip's calibration (derived from Udacity's chessboards, 1280x720) at 640x360;
+    # pipeline_node's default input is image_raw + camera_info
+    k = [1158.289 / 2, 0.0, 669.254 / 2, 0.0, 1153.618 / 2, 388.544 / 2, 0.0, 0.0, 1.0]
+    info_fields = {"width": 640, "height": 360, "distortion_model": "plumb_bob",
+                   "d": [-0.247337, -0.020100, -0.000691, 0.000092, 0.0], "k": k,
+                   "r": [1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0],
+                   "p": k[:3] + [0.0] + k[3:6] + [0.0] + k[6:] + [0.0]}
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    params = _params(tmp_path, ["detect", "track"], image_reliability="reliable")
+    proc = subprocess.Popen([sys.executable, "-m", "perception2d_ros", "bringup",
+                             "--params-file", str(params), "--pipeline", pipeline,
+                             "--log-level", "warn"],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    h = RosHarness()
+    try:
+        out = h.subscribe(Detection2DArray, "/camera/detections", RELIABLE)
+        pub = h.publisher(Image, "/camera/image_raw",
+                          QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE))
+        pub_info = h.publisher(CameraInfo, "/camera/camera_info",
+                               QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE))
+        assert h.wait_matched(pub, timeout=60), "bringup's nodes never subscribed image_raw"
+        assert wait_for(lambda: h.node.count_publishers("/camera/detections") >= 1, 60)
+        frames = _clip_frames()[:12]
+        for i, img in enumerate(frames):
+            header = Header(stamp=conv.ns_to_stamp(T0 + i * PERIOD), frame_id="camera_optical")
+            n = len(out)
+            pub_info.publish(conv.camera_info_msg(info_fields, header))
+            pub.publish(conv.array_to_image_msg(img, "bgr8", header))
+            assert wait_for(lambda: len(out) > n, 30), f"no tracked detections for frame {i}"
+        sides = _near_car_ids([[(d.id, _xyxy(d)) for d in o.detections] for o in out])
+        assert all(len(v) == 1 for v in sides.values()) and sides["left"] != sides["right"]
+    finally:
+        h.close()
+        proc.send_signal(signal.SIGINT)
+        try:
+            _, err = proc.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            _, err = proc.communicate()
+    assert "Traceback" not in err, err[-2000:]
