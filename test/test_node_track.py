@@ -262,17 +262,32 @@ def test_bringup_cli_tracks_real_frames(tmp_path, pipeline):
         assert h.wait_matched(pub, timeout=60), "bringup's nodes never subscribed image_raw"
         assert wait_for(lambda: h.node.count_publishers("/camera/detections") >= 1, 60)
         frames = _clip_frames()[:12]
+
+        def send(img: np.ndarray, stamp: int) -> None:
+            header = Header(stamp=conv.ns_to_stamp(stamp), frame_id="camera_optical")
+            pub_info.publish(conv.camera_info_msg(info_fields, header))
+            pub.publish(conv.array_to_image_msg(img, "bgr8", header))
+
+        # warm-up: the first frame, earlier stamps, until the chain answers (matching between
+        # the node processes, detector → track_node, may still be under way), then until no
+        # late copy is still in flight
+        for r in range(12):
+            send(frames[0], T0 - 10 * PERIOD + r)
+            if wait_for(lambda: len(out) > 0, 5):
+                break
+        assert out, "bringup's nodes never published detections"
+        settled = -1
+        while len(out) != settled:   # 2 s without a new output
+            settled = len(out)
+            wait_for(lambda: len(out) != settled, 2.0)
+        start = len(out)
         for i, img in enumerate(frames):
-            header = Header(stamp=conv.ns_to_stamp(T0 + i * PERIOD), frame_id="camera_optical")
             n = len(out)
-            # the first frame is re-sent until the chain answers: matching between the
-            # node processes (detector → track_node) may still be under way
-            for _ in range(12 if i == 0 else 1):
-                pub_info.publish(conv.camera_info_msg(info_fields, header))
-                pub.publish(conv.array_to_image_msg(img, "bgr8", header))
-                if wait_for(lambda: len(out) > n, 5 if i == 0 else 30):
-                    break
-            assert len(out) > n, f"no tracked detections for frame {i}"
+            send(img, T0 + i * PERIOD)
+            assert wait_for(lambda: len(out) > n, 30), f"no tracked detections for frame {i}"
+        out = out[start:]
+        assert [o.header.stamp for o in out] == [conv.ns_to_stamp(T0 + i * PERIOD)
+                                                 for i in range(len(frames))]
         sides = _near_car_ids([[(d.id, _xyxy(d)) for d in o.detections] for o in out])
         assert all(len(v) == 1 for v in sides.values()) and sides["left"] != sides["right"]
     finally:
