@@ -33,6 +33,7 @@ setup(
             "sam_node = perception2d_ros.ros.sam_node:main",
             "clip_node = perception2d_ros.ros.clip_node:main",
             "lseg_node = perception2d_ros.ros.lseg_node:main",
+            "track_node = perception2d_ros.ros.track_node:main",
         ],
     },
 )

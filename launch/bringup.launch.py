@@ -14,8 +14,8 @@ from launch_ros.actions import Node
 
 from perception2d_ros.bringup import default_params_file, node_list
 
-EXECUTABLES = {k: k for k in ("rectify_node", "detector_node", "sam_node", "clip_node",
-                                "lseg_node", "pipeline_node")}
+EXECUTABLES = {k: k for k in ("rectify_node", "detector_node", "track_node", "sam_node",
+                                "clip_node", "lseg_node", "pipeline_node")}
 
 
 BOOL_CHOICES = ["true", "false"]

@@ -12,11 +12,12 @@ import yaml
 SEPARATE_NODES = [  # stage → node kind in separate-node mode, in pipeline order
     ("rectify", "rectify_node"),
     ("detect", "detector_node"),
+    ("track", "track_node"),
     ("sam", "sam_node"),
     ("clip", "clip_node"),
     ("lseg", "lseg_node"),
 ]
-ALL_STAGES = ("rectify", "detect", "sam", "clip", "lseg")
+ALL_STAGES = ("rectify", "detect", "track", "sam", "clip", "lseg")
 
 
 @dataclass
@@ -89,6 +90,9 @@ def node_list(*, pipeline: bool = True, params_file: str | Path | None = None,
     pipeline=False: one node per enabled stage, chained over topics (image_rect, detections).
     ``image_transport`` (raw | compressed; None = the params file's) applies to the nodes that
     read the camera's images; nodes fed by ``rectify_node`` always read its raw image_rect.
+    Detections chain: detector → ``detections`` when it is the last box producer, else
+    ``detections/raw`` → track_node → ``detections`` (or ``detections/tracked`` when CLIP
+    runs) → sam_node / clip_node (``detections_in``) → clip_node publishes ``detections``.
     """
     pfile = str(params_file or default_params_file())
     stages = enabled_stages(pfile)
@@ -101,7 +105,10 @@ def node_list(*, pipeline: bool = True, params_file: str | Path | None = None,
     specs = []
     # with CLIP on, the detector's boxes go to detections/raw and clip_node publishes the
     # labelled `detections` — the same topic and content as pipeline mode
-    raw_dets = "detections/raw" if "clip" in stages else "detections"
+    raw_dets = "detections/raw" if ("clip" in stages or "track" in stages) else "detections"
+    # what sam/clip consume: the tracker's output when tracking, else the detector's
+    boxes = ("detections/tracked" if "clip" in stages else "detections") \
+        if "track" in stages else raw_dets
     for stage, kind in SEPARATE_NODES:
         if stage not in stages:
             continue
@@ -120,8 +127,14 @@ def node_list(*, pipeline: bool = True, params_file: str | Path | None = None,
         else:
             if "rectify" not in stages:
                 remaps.append(("image_rect", image_topic))
+            if kind == "track_node":
+                remaps = [("detections_in", raw_dets)]
+                if boxes != "detections":
+                    remaps.append(("detections", boxes))
             if kind in ("sam_node", "clip_node"):
-                remaps.append(("detections_in", raw_dets))
+                remaps.append(("detections_in", boxes))
+                if "track" in stages:
+                    overrides["detections_in_tracked"] = True
         specs.append(NodeSpec(kind, kind, f"perception2d_ros.ros.{kind}", [pfile],
                               overrides, remaps))
     return specs

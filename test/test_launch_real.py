@@ -33,8 +33,8 @@ NS = "/front"  # not the default namespace: namespace:= must take effect
 FRAMES = 6
 FRAME_ID = "camera_optical"
 #: every node executable the launch file can start, plus the CLI
-EXECUTABLES = ["perception2d", "rectify_node", "detector_node", "pipeline_node", "sam_node",
-               "clip_node", "lseg_node"]
+EXECUTABLES = ["perception2d", "rectify_node", "detector_node", "pipeline_node", "track_node",
+               "sam_node", "clip_node", "lseg_node"]
 
 _VENV_BIN = str(Path(sys.executable).parent)
 _PATH = os.pathsep.join([_VENV_BIN, os.environ.get("PATH", "")])

@@ -2,7 +2,7 @@
 
 A :class:`Frame` carries the image (as received, converted once to a numpy array), its stamp
 and frame id, the camera model, and every stage's results. Stages (rectify → detect → SAM →
-CLIP → LSeg) mutate the frame in place and record their time in ``frame.timings``. The ROS
+CLIP → LSeg, with ``track`` after detect) mutate the frame in place and record their time in ``frame.timings``. The ROS
 nodes, the offline ``perception2d process`` tool and the benchmarks all run these same stage
 objects, so separate-node mode, pipeline mode and offline mode produce identical results.
 """
@@ -18,7 +18,7 @@ import numpy as np
 
 LOG = logging.getLogger("perception2d.pipeline")
 
-STAGE_ORDER = ("rectify", "detect", "sam", "clip", "lseg")
+STAGE_ORDER = ("rectify", "detect", "track", "sam", "clip", "lseg")
 
 
 @dataclass
@@ -49,6 +49,10 @@ class Frame:
     extrinsics: Any = None
     depth: np.ndarray | None = None
     objects: Any = None
+    # camera stream this frame belongs to (camera namespace; keys per-camera state: tracks)
+    source: str = ""
+    # track id of each detection (strings, Detection2D.id) once a track stage ran
+    track_ids: list[str] | None = None
     timings: dict[str, float] = field(default_factory=dict)
     # the working image as an HxWx3 uint8 BGR tensor on the models' device, when the
     # pipeline keeps frames there (``detect.device_frames``); None otherwise
@@ -226,6 +230,8 @@ DEFAULTS: dict[str, Any] = {
     "interpolation": "linear",
     "output_encoding": "passthrough",
     "models_dir": "",
+    # separate sam/clip nodes: detections_in carries track ids (a track_node upstream)
+    "detections_in_tracked": False,
     "detect": {
         "model": "yolox_nano",
         "backend": "auto",
@@ -262,16 +268,17 @@ DEFAULTS: dict[str, Any] = {
 INTERPOLATIONS = {"nearest": 0, "linear": 1, "cubic": 2, "area": 3, "lanczos": 4}
 
 
-STAGE_GROUPS = ("detect", "extrinsics", "sam", "clip", "lseg")
+STAGE_GROUPS = ("detect", "extrinsics", "track", "sam", "clip", "lseg")
 
 
 def _all_defaults() -> dict[str, Any]:
-    from perception2d_ros.core import clip_stage, lseg_stage, sam_stage
+    from perception2d_ros.core import clip_stage, lseg_stage, sam_stage, tracking
 
     d = dict(DEFAULTS)
     d["vocabulary"] = [""]  # shared by CLIP and LSeg; [""] = the stage's default vocabulary
     d["sam"], d["clip"], d["lseg"] = (dict(sam_stage.DEFAULTS), dict(clip_stage.DEFAULTS),
                                       dict(lseg_stage.DEFAULTS))
+    d["track"] = dict(tracking.DEFAULTS)
     return d
 
 
@@ -331,6 +338,10 @@ def validate_config(cfg: dict[str, Any]) -> None:
             parse_scales(cfg["lseg"].get("scales", [1.0]))
         except ValueError as exc:
             raise ValueError(f"lseg.{exc}") from None
+    if "track" in cfg:
+        from perception2d_ros.core.tracking import TrackerConfig
+
+        TrackerConfig.from_dict(cfg["track"])  # ValueError naming track.<key>
 
 
 def build_pipeline(cfg: dict[str, Any], log: Callable[[str], None] = LOG.info) -> Pipeline:
@@ -375,7 +386,7 @@ def build_pipeline(cfg: dict[str, Any], log: Callable[[str], None] = LOG.info) -
         detector.detect(np.zeros((h, w, 3), np.uint8))
         stages.append(DetectStage(detector, extr, float(e["plane_height"])))
         log(f"detect: {detector.describe() if hasattr(detector, 'describe') else d['model']}")
-    for name in ("sam", "clip", "lseg"):
+    for name in ("track", "sam", "clip", "lseg"):
         if name in cfg["stages"]:
             stages.append(_build_optional_stage(name, cfg))
     _keep_frames_on_device(stages, str(cfg["detect"].get("device_frames", "auto")), log)

@@ -24,12 +24,16 @@ class MaskFrameResult:
 class ClipFrameResult:
     """CLIP on one frame. ``hypotheses[i]``: the (label, score) list of detection i as it
     is published (detector class first when extending); ``frame_labels``: whole-frame top-k;
-    ``vocabulary``/``version``: the vocabulary these were computed with."""
+    ``vocabulary``/``version``: the vocabulary these were computed with.
+    ``track_hypotheses[i]``: when the detections are tracked, detection i's labels from its
+    track's CLIP probabilities averaged over the track's frames (detector class first when
+    extending); ``hypotheses`` then stay this frame's alone."""
 
     hypotheses: list[list[tuple[str, float]]]
     frame_labels: list[tuple[str, float]]
     vocabulary: tuple[str, ...]
     version: int
+    track_hypotheses: list[list[tuple[str, float]]] | None = None
 
 
 @dataclass

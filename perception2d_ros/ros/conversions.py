@@ -162,7 +162,7 @@ def label_info_msg(names: Sequence[str], header: Header, threshold: float = 0.0,
 
 
 def ground_msg(det: Any, points: np.ndarray, header: Header, base_frame: str,
-               plane_height: float) -> Any:
+               plane_height: float, ids: Sequence[str] | None = None) -> Any:
     from geometry_msgs.msg import Point
     from perception2d_interfaces.msg import GroundPosition, GroundPositionArray
 
@@ -172,7 +172,8 @@ def ground_msg(det: Any, points: np.ndarray, header: Header, base_frame: str,
         ok = bool(np.all(np.isfinite(points[i])))
         p = points[i] if ok else np.zeros(3)
         msg.positions.append(GroundPosition(
-            id=str(i), class_id=str(det.class_names[i]), score=float(det.scores[i]),
+            id=str(ids[i]) if ids is not None else str(i), class_id=str(det.class_names[i]),
+            score=float(det.scores[i]),
             position=Point(x=float(p[0]), y=float(p[1]), z=float(p[2])), valid=ok))
     return msg
 
@@ -267,3 +268,8 @@ def detections_from_msg(msg: Any) -> Any:
     return Detections(np.asarray(xyxy, np.float32).reshape(-1, 4),
                       np.asarray(scores, np.float32), np.asarray([ids[n] for n in names]),
                       names)
+
+
+def detection_ids_from_msg(msg: Any) -> list[str]:
+    """``Detection2D.id`` of each detection (track ids when a tracker published them)."""
+    return [str(d.id) for d in msg.detections]

@@ -56,6 +56,8 @@ NODE_KINDS: dict[str, dict[str, Any]] = {
     "sam_node": {"stages": ["sam"], "input": "rect"},
     "clip_node": {"stages": ["clip"], "input": "rect"},
     "lseg_node": {"stages": ["lseg"], "input": "rect"},
+    # detections_in → tracked `detections` (no image: the tracker needs boxes only)
+    "track_node": {"stages": ["track"], "input": "rect"},
 }
 
 
@@ -93,6 +95,11 @@ PARAMETER_CHECKS: dict[str, Any] = {
     "detect.max_detections": _number(1),
     "extrinsics.source": _choice("params", "tf"),
     "extrinsics.tf_timeout_s": _number(0.0),
+    **{f"track.{k}": _number(0.0, 1.0) for k in ("high_threshold", "low_threshold",
+                                                 "new_track_threshold", "match_iou",
+                                                 "low_match_iou")},
+    "track.min_hits": _number(1),
+    "track.max_age": _number(0),
 }
 
 
@@ -173,7 +180,8 @@ class PerceptionNode(LifecycleNode):
     # ----------------------------------------------------------------- parameters
     def _declare(self, d: dict[str, Any], spec: dict[str, Any]) -> None:
         p = self.declare_parameter
-        p("stages", d["stages"], _desc("stages to run, in order: rectify, detect, sam, clip, lseg"))
+        p("stages", d["stages"], _desc("stages to run, in order: rectify, detect, track, sam, "
+                                       "clip, lseg"))
         p("input", spec["input"], _desc("raw: image_raw + camera_info (synced); rect: image_rect"
                                         " (+ camera_info_rect for ground positions)"))
         p("image_transport", "raw", _desc(
@@ -203,12 +211,19 @@ class PerceptionNode(LifecycleNode):
         p("vocabulary", d["vocabulary"], _desc(
             "open-vocabulary phrases shared by CLIP and LSeg; changeable at runtime (also via "
             "the `vocabulary` topic, comma-separated); [''] = the stage's default"))
+        p("detections_in_tracked", d["detections_in_tracked"], _desc(
+            "separate sam/clip nodes: detections_in comes from a track_node, so its "
+            "Detection2D.id are track ids (kept; CLIP accumulates labels per track)"))
+        from perception2d_ros.core.tracking import DESCRIPTIONS as TRACK
+
         what = {"detect": "detector", "extrinsics": "camera pose in the base frame",
-                "sam": "SAM masks", "clip": "CLIP labels", "lseg": "LSeg label map"}
+                "track": "tracker", "sam": "SAM masks", "clip": "CLIP labels",
+                "lseg": "LSeg label map"}
         for group in STAGE_GROUPS:
             for key, value in d[group].items():
+                text = TRACK.get(key) if group == "track" else None
                 p(f"{group}.{key}", value if value != [] else [""],
-                  _desc(f"{what[group]}: {key}"))
+                  _desc(text or f"{what[group]}: {key}"))
 
     def _config_from_params(self) -> dict[str, Any]:
         g = lambda n: self.get_parameter(n).value  # noqa: E731
@@ -219,6 +234,7 @@ class PerceptionNode(LifecycleNode):
             "output_encoding": g("output_encoding"),
             "models_dir": g("models_dir"),
             "depth_topic": g("depth_topic"),
+            "detections_in_tracked": bool(g("detections_in_tracked")),
             "vocabulary": [v for v in g("vocabulary") if v],
             **{grp: {k: g(f"{grp}.{k}") for k in defaults[grp]} for grp in STAGE_GROUPS},
         })
@@ -256,12 +272,16 @@ class PerceptionNode(LifecycleNode):
             self.get_logger().error(f"configure failed: {exc}")
             return TransitionCallbackReturn.FAILURE
         names = self.pipeline.names
+        if "track" in names:  # track resets (stamp back, frame_id change): the node's log
+            self._stage("track").log = self.get_logger().warning
         prefixes = [c.strip("/") for c in self.get_parameter("cameras").value] or [""]
         if len(set(prefixes)) != len(prefixes):
             self.get_logger().error(f"configure failed: cameras: duplicates in {prefixes}")
             return TransitionCallbackReturn.FAILURE
         self.cams = [CameraIO(p) for p in prefixes]
-        debug = bool(self.get_parameter("publish_debug_image").value)
+        # a detections-only node (track_node) has no image to draw on
+        debug = bool(self.get_parameter("publish_debug_image").value) and \
+            not self._detections_only()
         for cam in self.cams:
             pub = lambda t, rel, q: cam.pubs.__setitem__(  # noqa: E731
                 rel, self.create_publisher(t, cam.topic(rel), q))
@@ -279,6 +299,10 @@ class PerceptionNode(LifecycleNode):
 
                     pub(GroundPositionArray, "detections/ground", RESULTS)
                     pub(Detection3DArray, "detections/objects", RESULTS)
+            if "track" in names and "detect" not in names and "clip" not in names:
+                from vision_msgs.msg import Detection2DArray
+
+                pub(Detection2DArray, "detections", RESULTS)  # track_node: tracked detections
             if "sam" in names:
                 from vision_msgs.msg import Detection2DArray
 
@@ -290,6 +314,7 @@ class PerceptionNode(LifecycleNode):
                 if "detect" not in names:  # clip_node: the labelled detections are its output
                     pub(Detection2DArray, "detections", RESULTS)
                 pub(Classification, "clip/labels", RESULTS)
+                pub(Detection2DArray, "clip/detections", RESULTS)  # frame labels (tracked)
                 pub(LabelInfo, "clip/label_info", LATCHED)
             if "lseg" in names:
                 from vision_msgs.msg import LabelInfo
@@ -347,6 +372,14 @@ class PerceptionNode(LifecycleNode):
                 self._subs.append(self.create_subscription(
                     CameraInfo, cam.topic("camera_info"), cam.sync.add_info, qos,
                     event_callbacks=events))
+            elif self._detections_only():  # track_node: boxes in, tracked boxes out
+                from vision_msgs.msg import Detection2DArray
+
+                cam.sync = None
+                cam.input_topic = self.resolve_topic_name(cam.topic("detections_in"))
+                self._subs.append(self.create_subscription(
+                    Detection2DArray, cam.input_topic,
+                    lambda m, cam=cam: self._on_detections_only(cam, m), RESULTS))
             else:
                 cam.sync = None
                 self._subs.append(self.create_subscription(
@@ -552,7 +585,17 @@ class PerceptionNode(LifecycleNode):
 
     def _needs_detections_input(self) -> bool:
         names = self.pipeline.names if self.pipeline is not None else []
-        return "detect" not in names and any(n in names for n in ("sam", "clip"))
+        return "detect" not in names and any(n in names for n in ("track", "sam", "clip"))
+
+    def _detections_only(self) -> bool:
+        """Every stage works on boxes alone (track_node): no image subscription."""
+        names = self.pipeline.names if self.pipeline is not None else []
+        return bool(names) and set(names) <= {"track"}
+
+    def _on_detections_only(self, cam: "CameraIO", msg: Any) -> None:
+        self.frames_in += 1
+        cam.frames_in += 1
+        cam.slot.put((None, None, time.monotonic(), msg))
 
     def _on_rect_image(self, cam: "CameraIO", msg: Image) -> None:
         self.frames_in += 1
@@ -597,12 +640,13 @@ class PerceptionNode(LifecycleNode):
                     continue
                 served = True
                 image_msg, info_msg, t_recv = item[:3]
+                head = (image_msg if image_msg is not None else item[3]).header
                 try:
                     self._process(cam, image_msg, info_msg, *item[3:])
                     self._latency.append(time.monotonic() - t_recv)
                 except Exception as exc:  # bad input or a stage failure: log, count, go on
-                    self.errors.report(error_key(exc), f"frame {image_msg.header.stamp.sec}."
-                                       f"{image_msg.header.stamp.nanosec:09d} on "
+                    self.errors.report(error_key(exc), f"frame {head.stamp.sec}."
+                                       f"{head.stamp.nanosec:09d} on "
                                        f"{cam.input_topic} dropped: {exc}")
             if not served:
                 waiting = [c.depth for c in self.cams if c.depth is not None]
@@ -612,8 +656,9 @@ class PerceptionNode(LifecycleNode):
 
     def _process(self, cam: "CameraIO", image_msg: Image, info_msg: CameraInfo | None,
                  detections_msg: Any = None, depth_msg: Image | None = None) -> None:
-        stamp = conv.stamp_to_ns(image_msg.header.stamp)
-        fid = image_msg.header.frame_id
+        header = (image_msg if image_msg is not None else detections_msg).header
+        stamp = conv.stamp_to_ns(header.stamp)
+        fid = header.frame_id
         last = cam.last_stamp.get(fid)
         if last is not None and stamp <= last:
             self.errors.report("header.stamp", f"header.stamp: {stamp} ns is not newer than the "
@@ -622,7 +667,8 @@ class PerceptionNode(LifecycleNode):
             self.errors.report("header.frame_id", f"header.frame_id: '{fid}' differs from the "
                                f"stream's {sorted(cam.last_stamp)}; processed anyway")
         cam.last_stamp[fid] = stamp
-        frame, msgs = self.runner.run(image_msg, info_msg, detections_msg, depth_msg)
+        frame, msgs = self.runner.run(image_msg, info_msg, detections_msg, depth_msg,
+                                      source=cam.prefix)
         for topic, msg in msgs:
             pub = cam.pubs.get(topic)
             if pub is not None:
@@ -649,6 +695,10 @@ class PerceptionNode(LifecycleNode):
                 engine = getattr(getattr(stage, "detector", None), "engine", None)
                 if engine is not None:
                     values[f"{stage.name}.backend"] = f"{engine.backend}({engine.device})"
+        track = self._stage("track")
+        if track is not None:
+            values["track.active_tracks"] = str(sum(len(t) for t in track.trackers.values()))
+            values["track.resets"] = str(track.resets)
         if self._latency:
             arr = np.asarray(self._latency) * 1e3
             values["receive_to_publish_ms_p50"] = f"{np.percentile(arr, 50):.2f}"

@@ -22,6 +22,7 @@ TOPIC_TYPES = {
     "labels": "sensor_msgs/msg/Image",
     "labels/label_info": "vision_msgs/msg/LabelInfo",
     "clip/labels": "vision_msgs/msg/Classification",
+    "clip/detections": "vision_msgs/msg/Detection2DArray",
     "clip/label_info": "vision_msgs/msg/LabelInfo",
     "debug_image": "sensor_msgs/msg/Image",
 }
@@ -37,12 +38,22 @@ def frame_messages(frame: Frame, header: Header, *, base_frame: str = "base_link
         out.append(("camera_info_rect",
                     conv.camera_info_msg(frame.camera.rectified_camera_info_dict(), header)))
     if frame.detections is not None:
+        ids = frame.track_ids
         extra = getattr(frame.clip, "hypotheses", None) if frame.clip is not None else None
-        det_msg = conv.detections_msg(frame.detections, header, extra_hypotheses=extra)
+        per_track = getattr(frame.clip, "track_hypotheses", None) if frame.clip is not None \
+            else None
+        # tracked: `detections` carries the track's accumulated CLIP labels (stable) and
+        # clip/detections this frame's own labels, same ids and boxes
+        det_msg = conv.detections_msg(
+            frame.detections, header, extra_hypotheses=per_track if per_track is not None
+            else extra, ids=ids)
         out.append(("detections", det_msg))
+        if per_track is not None:
+            out.append(("clip/detections", conv.detections_msg(
+                frame.detections, header, extra_hypotheses=extra, ids=ids)))
         if frame.ground is not None:
             out.append(("detections/ground", conv.ground_msg(
-                frame.detections, frame.ground, header, base_frame, plane_height)))
+                frame.detections, frame.ground, header, base_frame, plane_height, ids=ids)))
         if frame.objects is not None:
             out.append(("detections/objects", conv.objects_msg(det_msg, frame.objects, header)))
     if frame.masks is not None:
@@ -107,11 +118,15 @@ class FrameRunner:
             return None
 
     def run(self, image_msg: Any, info_msg: Any, detections_msg: Any = None,
-            depth_msg: Any = None) -> tuple[Frame, list[tuple[str, Any]]]:
+            depth_msg: Any = None, source: str = "") -> tuple[Frame, list[tuple[str, Any]]]:
         """Raises ValueError naming the field for bad input (nothing is published then).
         ``image_msg``: a sensor_msgs/Image or CompressedImage (decoded here, in the caller's
-        worker thread). ``detections_msg``: upstream detections (separate sam/clip nodes);
-        ``depth_msg``: the aligned depth image paired with it (``depth_topic``)."""
+        worker thread); None: a detections-only node (track_node), whose outputs take the
+        detections' header. ``detections_msg``: upstream detections (separate track/sam/clip
+        nodes) for this frame; ``depth_msg``: the aligned depth image paired with it
+        (``depth_topic``). ``source``: the camera stream (per-camera tracks)."""
+        if image_msg is None:
+            return self._run_detections(detections_msg, source)
         image, encoding = conv.decode_image_msg(image_msg)
         height, width = image.shape[:2]
         camera = None
@@ -123,9 +138,11 @@ class FrameRunner:
                     f"binning/ROI) does not match image {width}x{height}")
         frame = Frame(image=image, encoding=encoding,
                       stamp_ns=conv.stamp_to_ns(image_msg.header.stamp),
-                      frame_id=image_msg.header.frame_id, camera=camera)
+                      frame_id=image_msg.header.frame_id, camera=camera, source=source)
         if detections_msg is not None:
             frame.detections = conv.detections_from_msg(detections_msg)
+            if self.cfg.get("detections_in_tracked") and "track" not in self.pipeline.names:
+                frame.track_ids = conv.detection_ids_from_msg(detections_msg)
         if depth_msg is not None and self.objects_enabled:
             frame.depth = self._depth(depth_msg)
         self.pipeline.run(frame)
@@ -174,6 +191,18 @@ class FrameRunner:
             self.report("depth", f"{exc}; objects use the ground plane")
             frame.depth = None
             return frame_objects(frame, extrinsics, plane)
+
+    def _run_detections(self, detections_msg: Any, source: str
+                        ) -> tuple[Frame, list[tuple[str, Any]]]:
+        import numpy as np
+
+        header = detections_msg.header
+        frame = Frame(image=np.zeros((0, 0), np.uint8), encoding="mono8",
+                      stamp_ns=conv.stamp_to_ns(header.stamp), frame_id=header.frame_id,
+                      source=source)
+        frame.detections = conv.detections_from_msg(detections_msg)
+        self.pipeline.run(frame)
+        return frame, frame_messages(frame, header)
 
     def label_info(self) -> list[tuple[str, Any]]:
         """Latched LabelInfo messages for the stages that have a class list."""
