@@ -1,6 +1,8 @@
 # perception2d — pip-only setup (no ROS install, no GPU needed).
-#   make test   create .venv, install ROS 2 Kilted wheels + deps, build messages, run tests
-#   make demo   same setup, then the main job on the embedded default data
+#   make demo   create .venv with the runtime only (ROS 2 Kilted wheels, ONNX Runtime, OpenCV, ...;
+#               no torch), build messages, run the main job on the embedded default data
+#   make test   the same plus the test and export extras (pytest, torch, reference packages), run tests
+#   make setup-runtime / make setup   only the set-up of demo / test
 # Re-running is fast: each step is stamped and only redone when its inputs change.
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -11,20 +13,28 @@ BAG ?=
 STAMPS := $(VENV)/.stamps
 PIP_FILTER := grep -v -e "is ignored: it is neither a file nor a directory" || true
 
-.PHONY: all setup test demo msgs clean bench lint
+.PHONY: all setup setup-runtime test demo msgs clean bench lint
 
 all: setup
 
-setup: $(STAMPS)/package
+setup: $(STAMPS)/package $(STAMPS)/test-deps
+
+setup-runtime: $(STAMPS)/package
 
 $(STAMPS)/venv:
 	@echo "==> [1/4] creating $(VENV) with $$($(PYTHON) --version)"
 	$(PYTHON) -m venv $(VENV)
 	@mkdir -p $(STAMPS) && touch $@
 
-$(STAMPS)/deps: $(STAMPS)/venv requirements/runtime.txt requirements/build.txt requirements/test.txt requirements/nodeps.txt
-	@echo "==> [2/4] installing ROS 2 Kilted wheels, runtime, build and test dependencies (first run: a few minutes)"
-	@set -o pipefail; $(PIP) install --progress-bar off -r requirements/runtime.txt -r requirements/build.txt -r requirements/test.txt 2>&1 | $(PIP_FILTER)
+$(STAMPS)/deps: $(STAMPS)/venv requirements/runtime.txt requirements/build.txt
+	@echo "==> [2/4] installing ROS 2 Kilted wheels, runtime and message-build dependencies (first run: a few minutes)"
+	@set -o pipefail; $(PIP) install --progress-bar off -r requirements/runtime.txt -r requirements/build.txt 2>&1 | $(PIP_FILTER)
+	@touch $@
+
+# Test and export extras (torch, reference packages, pytest): `make test` only, not `make demo`.
+$(STAMPS)/test-deps: $(STAMPS)/deps requirements/test.txt requirements/torch.txt requirements/nodeps.txt
+	@echo "==> [+] installing test and export extras: pytest, torch (CPU use; a few GB), reference packages"
+	@set -o pipefail; $(PIP) install --progress-bar off -r requirements/test.txt 2>&1 | $(PIP_FILTER)
 	@set -o pipefail; $(PIP) install --progress-bar off --no-deps --no-build-isolation -r requirements/nodeps.txt 2>&1 | $(PIP_FILTER)
 	@touch $@
 
@@ -52,11 +62,11 @@ test: setup
 	fi
 	bash scripts/run_tests.sh $(PYTEST_ARGS)
 
-demo: setup
+demo: setup-runtime
 	bash scripts/shm_clean.sh
 	bash scripts/run_with_ros_env.sh $(PY) -m perception2d_ros.demo $(if $(BAG),--bag $(BAG),)
 
-bench: setup
+bench: setup-runtime
 	bash scripts/run_with_ros_env.sh $(PY) -m perception2d_ros.cli.main bench all
 
 clean:
