@@ -34,6 +34,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from .class_names import canonical_class_names, resolve_class_name
 from .detections import Detections
 from .nms import nms
 from .preprocess import Letterbox, LetterboxMeta, clip_boxes
@@ -206,7 +207,8 @@ class YoloDetector:
                              f"outputs {self.num_classes} classes")
         if not names:
             names = [f"class_{i}" for i in range(self.num_classes or 0)]
-        self.class_names: list[str] = names
+        # the COCO-80 list is published with COCO's official names (motorcycle, not motorbike)
+        self.class_names: list[str] = canonical_class_names(names)
         self.class_allow = self._allow_list(classes)
         self.letterbox = Letterbox(self.input_hw, **_PREPROCESS[self.format])
         self._strides = self._yolox_strides(out_shape) if self.format == "yolox" else None
@@ -335,10 +337,11 @@ class YoloDetector:
             elif isinstance(c, str) and c.strip().isdigit() and c.strip() not in self.class_names:
                 ids.append(int(c))
             elif isinstance(c, str):
-                if c not in self.class_names:
+                idx = resolve_class_name(c, self.class_names)   # VOC aliases accepted too
+                if idx is None:
                     raise ValueError(f"classes: unknown class name '{c}' (model classes: "
                                      f"{', '.join(self.class_names[:10])}...)")
-                ids.append(self.class_names.index(c))
+                ids.append(idx)
             else:
                 raise ValueError(f"classes entries must be ids or names; got {c!r}")
         return np.unique(np.asarray(ids, np.int64))
