@@ -11,7 +11,9 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 BAG ?=
 STAMPS := $(VENV)/.stamps
-PIP_FILTER := grep -v -e "is ignored: it is neither a file nor a directory" || true
+# hides one harmless pip line; braces keep pip's exit status (set -o pipefail) so a failed
+# install stops make instead of being swallowed by `|| true`
+PIP_FILTER := { grep -v -e "is ignored: it is neither a file nor a directory" || true; }
 
 .PHONY: all setup setup-runtime test demo msgs clean bench lint
 
