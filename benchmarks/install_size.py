@@ -114,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
         "script": "benchmarks/install_size.py", "commit": commit,
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "machine": {"host": platform.node(), "cpu_count": os.cpu_count(),
-                    "python": platform.python_version(), "platform": platform.platform()},
+                    "python": platform.python_version(), "platform": platform.platform(),
+                    "load_average_1min_at_start": round(os.getloadavg()[0], 1)},
         "pip": pip,
         "method": "fresh git clone; `make setup-runtime` then `make setup` (adds the extras); "
                   "sizes: apparent bytes of all files under .venv",
@@ -140,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
+    result["machine"]["load_average_1min_at_end"] = round(os.getloadavg()[0], 1)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}")

@@ -384,6 +384,13 @@ def cmd_export(args: argparse.Namespace) -> int:
         _err(f"'{args.name}': export module '{recipe['module']}' is not one of the suite's "
              f"({', '.join(EXPORT_MODULE_PREFIXES)}*); refusing to import it")
         return EXIT_USAGE
+    from perception2d_ros.core.extras import MissingExtra, require_torch
+
+    try:
+        require_torch(f"`perception2d models export {args.name}`")
+    except MissingExtra as exc:
+        _err(str(exc))
+        return EXIT_UNAVAILABLE
     try:
         module = importlib.import_module(recipe["module"])
         export_onnx, parity_check = module.export_onnx, module.parity_check
