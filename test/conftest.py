@@ -49,8 +49,81 @@ def sam_random_export(tmp_path_factory):
     pytest.importorskip("segment_anything", reason="SAM export needs segment-anything (test extra)")
     from perception2d_ros.core import sam_export
 
-    root = tmp_path_factory.mktemp("sam")
-    ckpt = sam_export.save_checkpoint(sam_export.random_state_dict("vit_b", seed=0),
-                                      root / "sam_vit_b_random.pth")
+    import os
+
+    # scripts/run_tests.sh runs each slow file in its own process (memory) and shares one
+    # export between them through PERCEPTION2D_TEST_CACHE (export_onnx caches by sha256)
+    cache = os.environ.get("PERCEPTION2D_TEST_CACHE")
+    root = Path(cache) / "sam" if cache else tmp_path_factory.mktemp("sam")
+    root.mkdir(parents=True, exist_ok=True)
+    ckpt = root / "sam_vit_b_random.pth"
+    if not ckpt.is_file():
+        sam_export.save_checkpoint(sam_export.random_state_dict("vit_b", seed=0), ckpt)
     out = root / "exports"
     return ckpt, sam_export.export_onnx(None, ckpt, out), out
+
+
+# ----------------------------------------------------------------- peak memory per test process
+# Every pytest process must stay under PERCEPTION2D_TEST_RSS_LIMIT_GB (default 8) peak RSS —
+# CI machines run other work beside the suite. The kernel's high-water marks (getrusage
+# ru_maxrss) are read after each test: the tests that raised the peak are listed at the end, a
+# process above the limit fails the session, and PERCEPTION2D_TEST_RSS_LOG=FILE appends one
+# JSON line per process (scripts/run_tests.sh collects them).
+_RSS: dict = {"raised": []}
+
+
+def _maxrss_gb(who: int) -> float:
+    import resource
+
+    return resource.getrusage(who).ru_maxrss / 2**20   # Linux: KiB
+
+
+def _rss_limit_gb() -> float:
+    import os
+
+    return float(os.environ.get("PERCEPTION2D_TEST_RSS_LIMIT_GB", "8"))
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    import resource
+
+    before = _maxrss_gb(resource.RUSAGE_SELF)
+    yield
+    after = _maxrss_gb(resource.RUSAGE_SELF)
+    if after > before + 0.25:
+        _RSS["raised"].append((after, after - before, item.nodeid))
+
+
+def pytest_sessionfinish(session, exitstatus):
+    import json
+    import os
+    import resource
+    import sys
+
+    peak = _maxrss_gb(resource.RUSAGE_SELF)
+    child = _maxrss_gb(resource.RUSAGE_CHILDREN)
+    limit = _rss_limit_gb()
+    _RSS.update(peak=peak, child=child, limit=limit)
+    log = os.environ.get("PERCEPTION2D_TEST_RSS_LOG")
+    if log:
+        with open(log, "a") as fh:
+            fh.write(json.dumps({
+                "args": sys.argv[1:], "peak_rss_gb": round(peak, 2),
+                "largest_child_rss_gb": round(child, 2), "limit_gb": limit,
+                "raised_by": [{"test": n, "peak_gb": round(a, 2), "by_gb": round(d, 2)}
+                              for a, d, n in _RSS["raised"]][-8:]}) + "\n")
+    if max(peak, child) > limit and session.exitstatus == 0:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    if "peak" not in _RSS:
+        return
+    tr = terminalreporter
+    over = max(_RSS["peak"], _RSS["child"]) > _RSS["limit"]
+    tr.write_line(f"peak RSS: this pytest process {_RSS['peak']:.2f} GB, largest child process "
+                  f"{_RSS['child']:.2f} GB (limit {_RSS['limit']:g} GB"
+                  f"{'; EXCEEDED: the session fails' if over else ''})", red=over, bold=over)
+    for after, delta, nodeid in sorted(_RSS["raised"], reverse=True)[:5]:
+        tr.write_line(f"  peak reached {after:.2f} GB (+{delta:.2f}) during {nodeid}")
