@@ -125,3 +125,27 @@ def test_label_text_is_composable():
     w, h = dd.label_size("track 7", 480)
     assert tuple(int(c) for c in img[100 - h, 10]) == dd.class_color("person")
     assert img[100 - h, 10 + w + 1].sum() == 0                  # the label is exactly that wide
+
+
+def test_draw_frame_composes_clip_labels_and_avoids_the_legend(crowded):
+    from types import SimpleNamespace
+
+    img, xyxy, names = crowded
+    n = 12
+    det = SimpleNamespace(xyxy=xyxy[:n], class_names=names[:n], scores=np.linspace(.9, .5, n))
+    clip = SimpleNamespace(hypotheses=[[("a wine glass", 0.71)]] + [[]] * (n - 1))
+    label_map = np.full(img.shape[:2], 255, np.uint8)
+    label_map[:, :200] = 0
+    label_map[:, 200:] = 1
+    frame = SimpleNamespace(bgr=lambda: img, detections=det, clip=clip, masks=None,
+                            labels=SimpleNamespace(label_map=label_map,
+                                                   vocabulary=["floor", "table"]))
+    assert dd.label_parts(frame)[0] == ["a wine glass 0.71"] and dd.label_parts(frame)[1] == []
+    out = dd.draw_frame(frame)
+    assert out is not img and out.shape == img.shape
+    legend = dd.legend_rects(np.zeros_like(img), ["floor", "table"], [(0, 0, 0)] * 2)
+    texts = [dd.detection_label(nm, s, *p) for nm, s, p in
+             zip(det.class_names, det.scores, dd.label_parts(frame))]
+    _, rects = dd.layout_labels(img.shape[:2], det.xyxy, texts, det.scores, legend)
+    assert texts[0] == f"{names[0]} 0.90 | a wine glass 0.71"
+    _assert_clean([r for r in rects if r is not None] + legend, img.shape[:2])
