@@ -171,8 +171,8 @@ class OrtEngine(Engine):
         # Spinning threads burn a core between frames for no speed gain here (measured).
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         # ORT's CPU arena keeps extending for big models instead of reusing its blocks: SAM
-        # ViT-B's encoder peaks at 6.8 GB after two runs with it, 3.9 GB without, same speed
-        # (measured here). Small models keep it (no malloc per frame).
+        # ViT-B's encoder peaks at 6.7 GB after three runs with it, 3.9 GB without, no slower
+        # (benchmarks/ort_arena_memory.py). Small models keep it (no malloc per frame).
         data = self.path.with_name(self.path.name + ".data")   # external weights (ViT-H)
         if self.path.stat().st_size + (data.stat().st_size if data.is_file() else 0) \
                 > BIG_MODEL_BYTES:
