@@ -149,3 +149,16 @@ def test_draw_frame_composes_clip_labels_and_avoids_the_legend(crowded):
     _, rects = dd.layout_labels(img.shape[:2], det.xyxy, texts, det.scores, legend)
     assert texts[0] == f"{names[0]} 0.90 | a wine glass 0.71"
     _assert_clean([r for r in rects if r is not None] + legend, img.shape[:2])
+
+
+def test_label_parts_show_the_track_id_first(crowded):
+    from types import SimpleNamespace
+
+    img, xyxy, names = crowded
+    det = SimpleNamespace(xyxy=xyxy[:3], class_names=names[:3], scores=np.array([.9, .8, .7]))
+    clip = SimpleNamespace(hypotheses=[[("a wine glass", 0.71)], [], []])
+    frame = SimpleNamespace(bgr=lambda: img, detections=det, clip=clip, masks=None,
+                            labels=None, track_ids=["7", "12", "3"])
+    assert dd.label_parts(frame) == [["#7", "a wine glass 0.71"], ["#12"], ["#3"]]
+    frame.track_ids = None                      # untracked: no id shown
+    assert dd.label_parts(frame)[1] == []

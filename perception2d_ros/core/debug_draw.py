@@ -249,9 +249,13 @@ def legend_rects(img: np.ndarray, texts: Sequence[str], colors: Sequence[tuple[i
 
 def label_parts(frame: Any) -> list[list[str]]:
     """Per detection of ``frame``, the texts its debug label shows after 'name score': the
-    CLIP label, the 3D distance; per-detection additions (e.g. a track id) go here."""
+    track id (``#7``), the CLIP label, the 3D distance."""
     det = frame.detections
     parts: list[list[str]] = [[] for _ in range(len(det.scores))]
+    track_ids = getattr(frame, "track_ids", None)
+    if track_ids is not None and len(track_ids) == len(parts):
+        for i, tid in enumerate(track_ids):
+            parts[i].append(f"#{tid}")
     clip = getattr(frame, "clip", None)
     if clip is not None and getattr(clip, "hypotheses", None) is not None:
         for i, h in enumerate(clip.hypotheses[:len(parts)]):
