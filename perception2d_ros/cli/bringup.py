@@ -39,7 +39,29 @@ def commands(args: argparse.Namespace) -> list[list[str]]:
     return cmds
 
 
+def preflight(params_file: str | None, pipeline: bool = True) -> None:
+    """Check before any node starts what would make a node fail at configure (params file,
+    every parameter, model paths and files), so a mistake is one line here, not a node that
+    sits unconfigured. Raises :class:`perception2d_ros.cli.errors.UserError` and model errors.
+    """
+    from perception2d_ros.bringup import node_list
+    from perception2d_ros.cli.errors import load_params
+    from perception2d_ros.core.model_params import check_model_files
+
+    load_params(params_file)  # the file itself: present, YAML, a ROS params file
+    try:
+        specs = node_list(pipeline=pipeline, params_file=params_file)
+    except ValueError as exc:
+        from perception2d_ros.cli.errors import UserError, one_line
+
+        raise UserError(one_line(exc)) from exc
+    for spec in specs:
+        cfg = load_params(params_file, node=spec.name, overrides=spec.overrides)
+        check_model_files(cfg)
+
+
 def run(args: argparse.Namespace) -> int:
+    preflight(args.params_file, args.pipeline == "true")
     cmds = commands(args)
     if args.print:
         for c in cmds:

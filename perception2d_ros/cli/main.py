@@ -46,18 +46,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. A user error prints one line (``perception2d CMD: error: …``) and
+    exits 1 or 2; ``--debug`` (anywhere before ``--ros-args``) or ``PERCEPTION2D_DEBUG=1``
+    also prints the traceback."""
+    from perception2d_ros.cli.errors import debug_enabled, run_main, strip_debug_flag
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = debug_enabled(argv)
     parser = build_parser()
-    args, ros_args = parser.parse_known_args(argv)
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of an error (also PERCEPTION2D_DEBUG=1)")
+    args, ros_args = parser.parse_known_args(strip_debug_flag(argv))
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
     if ros_args and not getattr(args, "accepts_ros_args", False):
         parser.error(f"unrecognized arguments: {' '.join(ros_args)}")
     args.ros_args = ros_args
-    try:
-        return int(args.func(args) or 0)
-    except KeyboardInterrupt:
-        return 130
+    args.debug = debug
+    prog = "perception2d " + " ".join(
+        str(v) for v in (args.command, getattr(args, "eval_target", None)) if v)
+    return run_main(lambda: args.func(args), prog=prog, debug=debug)
 
 
 if __name__ == "__main__":

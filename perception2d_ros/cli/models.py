@@ -286,7 +286,7 @@ def _sample(models_dir: str | None) -> tuple[Path, Any, Any]:
     candidates = [ms.entry_path(entry, models_dir), ms._source_models_dir() / entry.file]
     for path in candidates:
         if path.is_file():
-            ms.verify_file(path, entry.sha256, entry.name)
+            ms.verify_file(path, entry.sha256, entry.name, entry)
             image = cv2.imread(str(path), cv2.IMREAD_COLOR)
             if image is None:
                 raise ms.ModelFileError(f"cannot decode {path}")

@@ -36,9 +36,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from perception2d_ros.bringup import pipeline_config
+    from perception2d_ros.cli.errors import check_input_bag, check_output_path, load_params
 
-    cfg = pipeline_config(args.params_file)
+    # every cheap check before any model is loaded: bag, output, params
+    check_input_bag(args.bag)
+    check_output_path(args.output, args.overwrite)
+    cfg = load_params(args.params_file)
     stats = process_bag(args.bag, args.output, cfg, namespace=args.namespace,
                         debug_image=args.debug_image, overwrite=args.overwrite,
                         image_topic=args.image_topic)
@@ -62,27 +65,34 @@ def process_bag(in_path: str | Path, out_path: str | Path, cfg: dict, *,
     from perception2d_ros.ros.publishing import TOPIC_TYPES, FrameRunner
 
     msg_dirs = find_interface_dirs()
+    from perception2d_ros.cli.errors import UserError
+
     try:
         storage_for_path(out_path)
     except ValueError as exc:
-        raise SystemExit(f"perception2d process: {exc}") from None
-    pipeline = build_pipeline(cfg, log=lambda m: print(m, file=sys.stderr))
-    warnings = ErrorReporter(lambda m: print(m, file=sys.stderr))
-    runner = FrameRunner(pipeline, cfg, debug_image=debug_image, report=warnings.report)
-    raw_input = "rectify" in pipeline.names
+        raise UserError(str(exc)) from None
+    raw_input = "rectify" in cfg["stages"]
     with BagReader(in_path, msg_dirs=msg_dirs) as reader:
         topics = reader.topics
         try:
             cam = find_camera_topics(topics, rectified=not raw_input, namespace=namespace,
                                      image_topic=image_topic)
         except ValueError as exc:
-            raise SystemExit(f"perception2d process: {exc}") from None
+            raise UserError(str(exc), 1) from None
         if raw_input and cam.camera_info is None:
-            raise SystemExit(f"perception2d process: no sensor_msgs/CameraInfo topic "
-                             f"{cam.namespace}/camera_info beside {cam.image} (rectify needs "
-                             "the calibration)")
+            raise UserError(f"no sensor_msgs/CameraInfo topic {cam.namespace}/camera_info "
+                            f"beside {cam.image} (rectify needs the calibration); record it "
+                            "or drop rectify from stages", 1)
         image_topic, info_topic, ns = cam.image, cam.camera_info, cam.namespace
         image_cls = CompressedImage if cam.transport == "compressed" else Image
+        # models load once the bag is known to hold what they need; their log lines are
+        # printed once the pipeline is up (a failure prints only its one error line)
+        built: list[str] = []
+        pipeline = build_pipeline(cfg, log=built.append)
+        for line in built:
+            print(line, file=sys.stderr)
+        warnings = ErrorReporter(lambda m: print(m, file=sys.stderr))
+        runner = FrameRunner(pipeline, cfg, debug_image=debug_image, report=warnings.report)
         print(f"input: {image_topic} ({cam.transport})"
               + (f" + {info_topic}" if info_topic else "")
               + (" [ROS 1 bag]" if reader.is_ros1 else ""), file=sys.stderr)

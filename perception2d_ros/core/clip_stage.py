@@ -17,7 +17,8 @@ from perception2d_ros.core.stage_results import ClipFrameResult
 
 DEFAULTS = {"model": "clip_vit_b32", "checkpoint": "", "backend": "auto", "device": "auto",
             "precision": "fp32", "templates": [""], "top_k": 3, "padding": 0.1,
-            "mode": "extend", "frame_labels": True}
+            "mode": "extend", "frame_labels": True,
+            "allow_outside_models_dir": False}
 DEFAULT_VOCABULARY = ["person", "chair", "table", "door", "bag", "bottle", "cup", "laptop",
                       "dog", "cat", "car", "bicycle", "plant", "box", "robot"]
 

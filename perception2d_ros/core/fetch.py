@@ -122,8 +122,15 @@ def download_verified(url: str, dest: str | Path, *, sha256: str | None,
                              f"({part} is locked)") from exc
         result = FetchResult(path=dest, sha256=None, verified=False,
                              resumed_from=os.fstat(fh.fileno()).st_size)
-        _transfer(url, fh, part, dest, sha256, size, label, progress, timeout, retries,
-                  backoff_s, say, result)
+        try:
+            _transfer(url, fh, part, dest, sha256, size, label, progress, timeout, retries,
+                      backoff_s, say, result)
+        except BaseException:
+            # nothing arrived (offline, refused, Ctrl-C before the first byte): leave no
+            # empty FILE.part behind; a part with bytes stays, to be resumed next time
+            if os.fstat(fh.fileno()).st_size == 0:
+                part.unlink(missing_ok=True)
+            raise
         fh.flush()
         os.fsync(fh.fileno())
         got = ms.sha256_file(part)

@@ -17,7 +17,7 @@ DEFAULTS = {"model": "lseg_demo_e200", "checkpoint": "", "backend": "auto", "dev
             "templates": [""], "other_threshold": 0.0, "vocabulary": [""],
             # lang-seg's multi-size / mirrored evaluation (official demo set: [0.75, 1.0, 1.25,
             # 1.5, 1.75, 2.25] + flip); one network run per window, scale and pass: offline use
-            "scales": [1.0], "flip": False}
+            "scales": [1.0], "flip": False, "allow_outside_models_dir": False}
 
 
 class LSegStage:

@@ -249,20 +249,36 @@ def sha256_file(path: str | Path) -> str:
     return _HASH_CACHE[key]
 
 
-def verify_file(path: str | Path, expected_sha256: str | None, name: str = "") -> None:
+def how_to_get(entry: ModelEntry | None, path: str | Path, name: str = "") -> str:
+    """What to do to get a model file in place: a command that works for how this model is
+    provided (fetch / export), or the manifest's own instructions (user export, manual)."""
+    if entry is None:
+        return f"put the file at {path}"
+    if entry.url:  # `models fetch` downloads it (a bundled file with a URL too)
+        return f"run `perception2d models fetch {entry.name}`"
+    if entry.provision == "export":
+        return f"run `perception2d models export {entry.name}`"
+    if entry.provision == "bundled":
+        return (f"it ships with perception2d: restore {path} (e.g. `git checkout -- "
+                f"models/{entry.file}`) or reinstall")
+    how = entry.note or f"this model is not downloadable ({entry.provision})"
+    return f"{how.rstrip('.')}; the path is {path}"
+
+
+def verify_file(path: str | Path, expected_sha256: str | None, name: str = "",
+                entry: ModelEntry | None = None) -> None:
     p = Path(path)
     label = f"model '{name}'" if name else str(p)
     if is_partial(p):
         raise ModelFileError(f"{label}: {p} is an incomplete download and is never used")
     if not p.is_file():
         raise ModelFileError(
-            f"{label}: file not found at {p}. Run `perception2d models fetch {name or '<name>'}`"
-            " or put the file there.")
+            f"{label}: file not found at {p}; {how_to_get(entry, p, name)}")
     if expected_sha256 and sha256_file(p) != expected_sha256.lower():
         raise ModelFileError(
             f"{label}: sha256 mismatch for {p} (expected {expected_sha256}, got "
-            f"{sha256_file(p)}); the file is truncated or not the official one. "
-            f"Re-fetch with `perception2d models fetch {name or '<name>'}`.")
+            f"{sha256_file(p)}); the file is truncated or not the official one: "
+            f"{how_to_get(entry, p, name)}")
 
 
 def check_entry(entry: ModelEntry, directory: str | Path | None = None
@@ -290,7 +306,7 @@ def resolve(name_or_path: str | Path, directory: str | Path | None = None, *,
         entry = manifest[text]
         path = entry_path(entry, directory)
         if verify:
-            verify_file(path, entry.sha256, entry.name)
+            verify_file(path, entry.sha256, entry.name, entry)
         return path, entry
     path = Path(text).expanduser()
     if not path.is_absolute():
@@ -303,10 +319,10 @@ def resolve(name_or_path: str | Path, directory: str | Path | None = None, *,
         known = ", ".join(sorted(manifest))
         raise ModelFileError(
             f"'{text}' is neither a known model ({known}) nor a file inside the models "
-            f"directory {root}")
+            f"directory {root}; `perception2d models list` shows the models")
     if not path.is_file():
         raise ModelFileError(f"model file not found: {path}")
     entry = next((e for e in manifest.values() if (root / e.file).resolve() == path), None)
     if verify and entry is not None:
-        verify_file(path, entry.sha256, entry.name)
+        verify_file(path, entry.sha256, entry.name, entry)
     return path, entry

@@ -346,7 +346,10 @@ def validate_config(cfg: dict[str, Any]) -> None:
 
 def build_pipeline(cfg: dict[str, Any], log: Callable[[str], None] = LOG.info) -> Pipeline:
     """Create the stage objects (loading models) for a merged, validated config."""
+    from perception2d_ros.core.model_params import confine_model_params
+
     validate_config(cfg)
+    confine_model_params(cfg)  # every model parameter: inside models_dir unless allowed
     stages: list[Any] = []
     if "rectify" in cfg["stages"]:
         stages.append(RectifyStage(INTERPOLATIONS[cfg["interpolation"]],

@@ -12,7 +12,8 @@ import numpy as np
 from perception2d_ros.core.stage_results import MaskFrameResult
 
 DEFAULTS = {"model": "sam_vit_b", "checkpoint": "", "backend": "auto", "device": "auto",
-            "precision": "fp32", "multimask": True, "min_score": 0.0}
+            "precision": "fp32", "multimask": True, "min_score": 0.0,
+            "allow_outside_models_dir": False}
 
 
 class PromptBuffer:

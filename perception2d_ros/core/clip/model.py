@@ -733,7 +733,7 @@ def resolve_export(model: str | Path | None = DEFAULT_MODEL, *,
         raise ClipModelUnavailable(
             f"CLIP model '{name}' is not available: no exported ONNX "
             f"({onnx_names(arch)['meta']}) in {root} and no checkpoint {file}; {how}")
-    ms.verify_file(file, entry.sha256, entry.name)
+    ms.verify_file(file, entry.sha256, entry.name, entry)
     return ensure_exported(arch, file, cache_dir=cache_dir)["meta"]
 
 
