@@ -91,13 +91,10 @@ def _load_camera_info(path: str | os.PathLike[str]) -> tuple[dict[str, Any], tup
 
 
 def _frames_from_images(files: list[Path]) -> Iterator[tuple[str, Any]]:
-    import cv2
+    from perception2d_ros.core.image_files import read_image
 
     for path in files:
-        image = cv2.imread(str(path), cv2.IMREAD_COLOR)
-        if image is None:
-            raise ValueError(f"cannot read image {path}")
-        yield path.name, image
+        yield path.name, read_image(path)  # ImageFileError (a ValueError) if truncated
 
 
 def _frames_from_video(capture: Any, name: str) -> Iterator[tuple[str, Any]]:

@@ -12,6 +12,8 @@ import json
 import sys
 from typing import Any
 
+from perception2d_ros.core.engines import BACKEND_CHOICES
+
 DEFAULT_MODEL = "yolox_nano"
 
 
@@ -22,7 +24,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="yolox|yolov5|yolov8|yolov10 (default: manifest, else inferred)")
     p.add_argument("--labels", default=None, help="class-name file, one per line")
     p.add_argument("--backend", default="auto",
-                   choices=["auto", "tensorrt", "onnxruntime", "torch"])
+                   choices=BACKEND_CHOICES)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8"])
     p.add_argument("--threads", type=int, default=None, help="CPU threads (onnxruntime)")
@@ -77,7 +79,7 @@ def _load(args: argparse.Namespace, **kw: Any) -> Any:
 
 
 def run_detect(args: argparse.Namespace) -> int:
-    import cv2
+    from perception2d_ros.core.image_files import ImageFileError, read_image
 
     try:
         det = _load(args)
@@ -86,9 +88,10 @@ def run_detect(args: argparse.Namespace) -> int:
         return 2
     results, failed = [], 0
     for path in args.images:
-        image = cv2.imread(path, cv2.IMREAD_COLOR)
-        if image is None:
-            print(f"perception2d detect: cannot read image '{path}'", file=sys.stderr)
+        try:
+            image = read_image(path)
+        except ImageFileError as exc:  # skipped with one line; the other images still run
+            print(f"perception2d detect: {exc}", file=sys.stderr)
             failed += 1
             continue
         dets = det.detect(image)

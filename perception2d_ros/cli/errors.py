@@ -144,7 +144,7 @@ def load_params(params_file: str | Path | None, node: str = "pipeline_node",
     import yaml
 
     from perception2d_ros.bringup import default_params_file, pipeline_config
-    from perception2d_ros.core.model_params import confine_model_params
+    from perception2d_ros.core.model_params import check_engine_params, confine_model_params
     from perception2d_ros.core.pipeline import validate_config
 
     path = Path(params_file) if params_file else default_params_file()
@@ -172,6 +172,7 @@ def load_params(params_file: str | Path | None, node: str = "pipeline_node",
         for key, value in (overrides or {}).items():
             cfg[key] = value
         validate_config(cfg)
+        check_engine_params(cfg)
         confine_model_params(cfg)
     except (ValueError, TypeError, KeyError) as exc:
         raise UserError(f"{path}: {one_line(exc)}") from exc

@@ -19,6 +19,8 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
+from perception2d_ros.core.engines import BACKEND_CHOICES
+
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 EXIT_FAIL = 1
 
@@ -44,7 +46,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="prompt template with {} (repeatable; default: a small ensemble such "
                         "as 'a photo of a {}.'; '{}' uses the phrases verbatim)")
     p.add_argument("--top-k", type=int, default=5, help="labels per image/box (default 5)")
-    p.add_argument("--backend", default="auto", choices=["auto", "tensorrt", "onnxruntime"])
+    p.add_argument("--backend", default="auto", choices=BACKEND_CHOICES)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--precision", default="fp32", choices=["fp32", "fp16"])
     p.add_argument("--threads", type=int, default=None, help="CPU threads (onnxruntime)")
@@ -138,12 +140,12 @@ def _images(items: Sequence[str | Path]) -> list[Path]:
 
 
 def _read(path: Path) -> Any:
-    import cv2
+    from perception2d_ros.core.image_files import ImageFileError, read_image
 
-    img = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    if img is None:
-        raise LabelError(f"cannot decode image {path}")
-    return img
+    try:
+        return read_image(path)
+    except ImageFileError as exc:
+        raise LabelError(str(exc)) from exc
 
 
 def build_labeler(args: argparse.Namespace, phrases: list[str]) -> Any:
@@ -185,8 +187,14 @@ def run_label(args: argparse.Namespace) -> int:
             raise LabelError("--top-k must be >= 1")
         labeler = build_labeler(args, phrases)
         out = []
+        skipped = 0
         for path in images:
-            img = _read(path)
+            try:
+                img = _read(path)
+            except LabelError as exc:  # skipped with one line; the other images still run
+                _err(str(exc))
+                skipped += 1
+                continue
             entry: dict[str, Any] = {"image": str(path),
                                      "labels": _labels(labeler.label_image(img, args.top_k))}
             if boxes is not None:
@@ -207,7 +215,7 @@ def run_label(args: argparse.Namespace) -> int:
                 box = ",".join(f"{v:g}" for v in b["box"])
                 print(f"  [{box}]: " + ", ".join(
                     f"{lab['label']} {lab['score']:.3f}" for lab in b["labels"]))
-    return 0
+    return EXIT_FAIL if skipped else 0
 
 
 # --------------------------------------------------------------------------- eval clip

@@ -33,6 +33,7 @@ def rectify_files(
     from tqdm import tqdm
 
     from perception2d_ros.core.camera import CameraModel
+    from perception2d_ros.core.image_files import read_image
 
     if not images:
         raise ValueError("no images given")
@@ -68,9 +69,7 @@ def rectify_files(
     written: list[Path] = []
     for src, dst in tqdm(list(zip(sources, targets)), desc="rectify", unit="img",
                          file=sys.stderr, disable=not progress):
-        image = cv2.imread(str(src), cv2.IMREAD_UNCHANGED)
-        if image is None:
-            raise ValueError(f"cannot read image {src}")
+        image = read_image(src, cv2.IMREAD_UNCHANGED)  # ImageFileError (a ValueError)
         height, width = image.shape[:2]
         if (width, height) != size:
             raise ValueError(f"{src} is {width}x{height} but {camera_info} calibrates "

@@ -16,6 +16,8 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
+from perception2d_ros.core.engines import BACKEND_CHOICES
+
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 DEFAULT_MODEL = "lseg_demo_e200"
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
@@ -60,8 +62,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                         " (x2 with --flip)")
     p.add_argument("--flip", action="store_true",
                    help="also evaluate the mirrored image and average (lang-seg's flip)")
-    p.add_argument("--backend", default="auto",
-                   choices=["auto", "tensorrt", "onnxruntime", "torch"])
+    p.add_argument("--backend", default="auto", choices=BACKEND_CHOICES)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--precision", default="fp32", choices=["fp32", "fp16"])
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime CPU threads")
@@ -352,9 +353,12 @@ def _seglabels(args: argparse.Namespace) -> int:
         out_dir = Path(args.output)
         out_dir.mkdir(parents=True, exist_ok=True)
         for path in images:
-            img = cv2.imread(str(path), cv2.IMREAD_COLOR)
-            if img is None:
-                raise SegLabelsError(f"cannot read image {path}")
+            from perception2d_ros.core.image_files import ImageFileError, read_image
+
+            try:
+                img = read_image(path)
+            except ImageFileError as exc:
+                raise SegLabelsError(str(exc)) from exc
             res = seg.segment(img, text, vocab.other_threshold, labels=phrases,
                               other_classes=vocab.other_classes)
             lm = res.label_map if big else res.label_map.astype(np.uint8)

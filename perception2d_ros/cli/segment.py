@@ -14,6 +14,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from perception2d_ros.core.engines import BACKEND_CHOICES
+
 
 def _floats(text: str, n: tuple[int, ...], what: str) -> list[float]:
     try:
@@ -55,7 +57,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    "or the package's)")
     g.add_argument("--cache-dir", help="where checkpoints are exported (default "
                    "$PERCEPTION2D_CACHE_DIR/sam)")
-    g.add_argument("--backend", default="auto", choices=("auto", "tensorrt", "onnxruntime"))
+    g.add_argument("--backend", default="auto", choices=BACKEND_CHOICES)
     g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     g.add_argument("--precision", default="fp32", choices=("fp32", "fp16"))
     g.add_argument("--threads", type=int, help="CPU threads for onnxruntime")
@@ -136,9 +138,12 @@ def run_segment(args: argparse.Namespace) -> int:
 
     if not args.box and not args.point:
         return _fail("give at least one --box or --point prompt")
-    image = cv2.imread(args.image, cv2.IMREAD_COLOR)
-    if image is None:
-        return _fail(f"cannot read image {args.image}")
+    from perception2d_ros.core.image_files import ImageFileError, read_image
+
+    try:
+        image = read_image(args.image)
+    except ImageFileError as exc:
+        return _fail(str(exc))
     prompts = build_cli_prompts(args.box, args.point, args.point_prompts)
     if args.multimask == "auto":
         multimask = all("points" in p and len(p["points"]) == 1 for p in prompts)

@@ -33,6 +33,8 @@ LOG = logging.getLogger("perception2d.engines")
 
 BACKENDS = ("tensorrt", "onnxruntime", "torch")
 BIG_MODEL_BYTES = 64 * 2**20   # ONNX files above this run without ORT's CPU memory arena
+#: what every command's ``--backend`` and every stage's ``*.backend`` accept
+BACKEND_CHOICES = ("auto",) + BACKENDS
 
 _ORT_TYPES = {
     "tensor(float)": np.float32,
@@ -568,6 +570,55 @@ def torch_engine_from_onnx(onnx_path: str | Path, *, device: str = "auto",
 
 
 # --------------------------------------------------------------------------- selection
+def model_file_problem(path: str | Path) -> str | None:
+    """Why ``path`` is not a readable ONNX model (missing, truncated, not protobuf), or None.
+    Parses the graph structure only (no external weights), so a model file that is fine but
+    that a backend cannot run returns None."""
+    p = Path(path)
+    if not p.is_file():
+        return f"{p} does not exist"
+    if p.suffix.lower() != ".onnx":
+        return None  # engines are built from ONNX files; other inputs are checked elsewhere
+    try:
+        import onnx
+    except ImportError:
+        return None
+    try:
+        onnx.load(str(p), load_external_data=False)
+    except Exception as exc:  # noqa: BLE001 - protobuf DecodeError, OSError, …
+        text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        return f"{type(exc).__name__}: {text}"
+    return None
+
+
+def _raise_if_unparsable(onnx_path: str | Path, exc: BaseException) -> None:
+    from perception2d_ros.core import model_store as ms
+
+    problem = model_file_problem(onnx_path)
+    if problem is None:
+        return
+    path = Path(onnx_path)
+    got = ms.sha256_file(path) if path.is_file() else None
+    known = None
+    try:
+        real = path.resolve()
+        known = next((e for e in ms.load_manifest().values()
+                      if ms.entry_path(e).resolve() == real), None)
+    except Exception:  # noqa: BLE001 - the manifest is only a hint here
+        pass
+    sha = f"sha256 {got}" if got else "no sha256"
+    if known is not None and known.sha256:
+        sha += f", expected {known.sha256}"
+    what = (f"`perception2d models verify {known.name}` checks it; replace it "
+            f"({ms.how_to_get(known, path)})" if known is not None else
+            "re-export or re-download it (`perception2d models verify` checks the models of "
+            "the manifest)")
+    raise ms.ModelFileError(
+        f"model file {path} cannot be parsed ({problem}; {sha}): it is truncated or not "
+        f"an ONNX model, so no backend can run it; {what}") from exc
+
+
+
 def _nvidia_device_present() -> bool:
     """A cheap look for an NVIDIA GPU (device nodes) before importing torch to ask."""
     return any(os.path.exists(p) for p in ("/dev/nvidiactl", "/dev/nvidia0",
@@ -639,6 +690,8 @@ def create_engine(onnx_path: str | Path, config: EngineConfig | None = None, *,
     avail = available_backends()
     if cfg.device == "cpu":
         avail["tensorrt"] = (False, "device=cpu requested")
+    elif cfg.device == "cuda":  # an explicit GPU request is honoured or refused, never CPU
+        avail = _cuda_capable(avail)
     if torch_factory is None:
         def torch_factory() -> Engine:
             return torch_engine_from_onnx(onnx_path, device=cfg.device,
@@ -646,7 +699,9 @@ def create_engine(onnx_path: str | Path, config: EngineConfig | None = None, *,
     if cfg.backend != "auto":
         ok, why = avail[cfg.backend]
         if not ok:
-            raise BackendUnavailable(f"backend '{cfg.backend}' is not available: {why}")
+            raise BackendUnavailable(
+                f"backend '{cfg.backend}'{' on device cuda' if cfg.device == 'cuda' else ''} "
+                f"is not available: {why}; choose another backend/device, or auto")
         order = [cfg.backend] + ([b for b in BACKENDS if b != cfg.backend] if cfg.fallback else [])
     else:
         order = list(BACKENDS)
@@ -674,13 +729,33 @@ def create_engine(onnx_path: str | Path, config: EngineConfig | None = None, *,
                 assert torch_factory is not None
                 engine = torch_factory()
         except EngineError as exc:
-            if not cfg.fallback:
-                raise
+            if not isinstance(exc, BackendUnavailable):
+                # a file no backend can parse is not a backend problem: say so once, stop
+                _raise_if_unparsable(onnx_path, exc)
+            if not cfg.fallback or (name == cfg.backend and isinstance(exc, BackendUnavailable)):
+                raise  # an explicit backend that cannot run here is refused, not replaced
             if name != order[-1]:
                 LOG.warning("backend %s failed (%s); falling back", name, exc)
             errors.append(f"{name}: {exc}")
             continue
+        if cfg.device == "cuda" and not str(getattr(engine, "device", "")).startswith("cuda"):
+            engine.close()
+            raise BackendUnavailable(f"device cuda was requested but {name} runs this model "
+                                     f"on {engine.device}; use device auto or cpu")
         LOG.info("engine: %s chosen (%s)%s", name, why,
                  f"; skipped {'; '.join(errors)}" if errors else "")
         return engine
-    raise BackendUnavailable("no backend could run this model: " + "; ".join(errors))
+    on = " on device cuda" if cfg.device == "cuda" else ""
+    raise BackendUnavailable(f"no backend could run this model{on}: " + "; ".join(errors))
+
+
+def _cuda_capable(avail: dict[str, tuple[bool, str]]) -> dict[str, tuple[bool, str]]:
+    """``available_backends()`` restricted to backends that can run on a CUDA GPU here."""
+    out = dict(avail)
+    cuda_ok, cuda_why = cuda_available()
+    if out["onnxruntime"][0] and not _ort_has_gpu():
+        out["onnxruntime"] = (False, "this onnxruntime has no CUDA/TensorRT provider "
+                                     "(onnxruntime-gpu is not installed)")
+    if out["torch"][0] and not cuda_ok:
+        out["torch"] = (False, cuda_why)
+    return out

@@ -96,3 +96,21 @@ def check_model_files(cfg: dict[str, Any]) -> None:
             raise ms.ModelFileError(f"{stage}.model: '{name}' is neither a known model "
                                     f"({known}) nor an existing file; `perception2d models list` shows the "
                                     "models")
+
+
+def check_engine_params(cfg: dict[str, Any]) -> None:
+    """Raise ValueError naming the parameter for a ``*.backend`` / ``*.device`` /
+    ``*.precision`` of an enabled stage that no engine accepts (checked before any model
+    loads, so the message names the parameter rather than the engine)."""
+    from perception2d_ros.core.engines import BACKEND_CHOICES
+
+    allowed = {"backend": BACKEND_CHOICES, "device": ("auto", "cpu", "cuda"),
+               "precision": ("fp32", "fp16", "int8")}
+    for stage in MODEL_PARAMS:
+        if stage not in cfg.get("stages", ()):
+            continue
+        group = cfg.get(stage) or {}
+        for key, values in allowed.items():
+            if key in group and str(group[key]) not in values:
+                raise ValueError(f"{stage}.{key}: '{group[key]}' is not one of "
+                                 f"{', '.join(values)}")

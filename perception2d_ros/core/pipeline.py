@@ -346,9 +346,10 @@ def validate_config(cfg: dict[str, Any]) -> None:
 
 def build_pipeline(cfg: dict[str, Any], log: Callable[[str], None] = LOG.info) -> Pipeline:
     """Create the stage objects (loading models) for a merged, validated config."""
-    from perception2d_ros.core.model_params import confine_model_params
+    from perception2d_ros.core.model_params import check_engine_params, confine_model_params
 
     validate_config(cfg)
+    check_engine_params(cfg)
     confine_model_params(cfg)  # every model parameter: inside models_dir unless allowed
     stages: list[Any] = []
     if "rectify" in cfg["stages"]:
@@ -404,6 +405,14 @@ def _keep_frames_on_device(stages: list[Any], mode: str, log: Callable[[str], No
 
     det = next((s for s in stages if isinstance(s, DetectStage)), None)
     device = torch_device_of(det.detector.engine) if det is not None else None
+    if mode == "auto" and device is None and det is not None and \
+            str(getattr(det.detector.engine, "device", "")).startswith("cuda"):
+        # a GPU detector that is not torch (TensorRT, ONNX Runtime CUDA): say why frames
+        # stay on the host instead of switching device_frames off silently
+        log(f"detect.device_frames auto: off, the detector runs on "
+            f"{getattr(det.detector.engine, 'backend', '?')} (frames stay on the device only "
+            "with detect.backend: torch)")
+        return
     if mode == "off" or (mode == "auto" and not (device or "").startswith("cuda")):
         return
     if device is None:
