@@ -82,7 +82,9 @@ def add_parser(subparsers: Any) -> None:
     bu = sub.add_parser("build", parents=[common],
                         help="build the TensorRT engine of an ONNX model into the cache")
     bu.add_argument("name", metavar="NAME")
-    bu.add_argument("--precision", choices=("fp16", "int8"), default="fp16")
+    bu.add_argument("--precision", choices=("fp32", "fp16", "int8"), default="fp32",
+                    help="engine precision (default fp32, the nodes' detect.precision default; "
+                         "TensorRT 11: fp16 needs an fp16 ONNX export, int8 a Q/DQ ONNX)")
     bu.add_argument("--workspace", type=int, default=2048, metavar="MB",
                     help="TensorRT workspace, MiB")
     bu.add_argument("--check", action="store_true",

@@ -309,7 +309,17 @@ class TensorRTEngine(Engine):  # exercised only where tensorrt + a GPU exist
         else:
             LOG.warning("BUILDING TensorRT engine for %s (%s) — this can take minutes; "
                         "prebuild with `perception2d models build`", self.onnx_path, precision)
-            data = self._build(workspace_mb, int8_calibration_cache, progress)
+            try:
+                data = build_serialized_engine(
+                    trt, self.onnx_path, precision=precision, profiles=self.profiles,
+                    logger=self.logger, workspace_mb=workspace_mb,
+                    calibration_cache=int8_calibration_cache, progress=progress,
+                    timing_cache=cache / "timing.cache")
+            except EngineError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - any build failure: clean fallback
+                raise EngineError(f"TensorRT {trt.__version__} engine build failed for "
+                                  f"{self.onnx_path}: {type(exc).__name__}: {exc}") from exc
             tmp = self.engine_path.with_suffix(".tmp")
             tmp.write_bytes(data)
             tmp.replace(self.engine_path)
@@ -329,38 +339,6 @@ class TensorRTEngine(Engine):  # exercised only where tensorrt + a GPU exist
             else:
                 self.outputs.append(spec)
 
-    def _build(self, workspace_mb: int, calib_cache: str | Path | None,
-               progress: Callable[[str], None] | None) -> bytes:
-        trt = self._trt
-        builder = trt.Builder(self.logger)
-        network = builder.create_network(0)
-        parser = trt.OnnxParser(network, self.logger)
-        if not parser.parse_from_file(str(self.onnx_path)):
-            errs = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-            raise EngineError(f"TensorRT could not parse {self.onnx_path}: {errs}")
-        config = builder.create_builder_config()
-        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_mb << 20)
-        if self.precision in ("fp16", "int8") and builder.platform_has_fast_fp16:
-            config.set_flag(trt.BuilderFlag.FP16)
-        if self.precision == "int8":
-            if not calib_cache or not Path(calib_cache).is_file():
-                raise EngineError("int8 needs a calibration cache file (int8_calibration_cache)")
-            config.set_flag(trt.BuilderFlag.INT8)
-            config.int8_calibrator = _CacheOnlyCalibrator(trt, Path(calib_cache))
-        if self.profiles:
-            profile = builder.create_optimization_profile()
-            for name, (mn, opt, mx) in self.profiles.items():
-                profile.set_shape(name, mn, opt, mx)
-            config.add_optimization_profile(profile)
-        if progress is not None and hasattr(trt, "IProgressMonitor"):
-            config.progress_monitor = _ProgressMonitor(trt, progress)
-        t0 = time.monotonic()
-        blob = builder.build_serialized_network(network, config)
-        if blob is None:
-            raise EngineError(f"TensorRT engine build failed for {self.onnx_path}")
-        LOG.warning("TensorRT engine built in %.1f s", time.monotonic() - t0)
-        return bytes(blob)
-
     def _run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         torch = self._torch
         with torch.cuda.stream(self.stream):
@@ -368,7 +346,11 @@ class TensorRTEngine(Engine):  # exercised only where tensorrt + a GPU exist
             for spec in self.inputs:
                 t = torch.as_tensor(np.ascontiguousarray(feeds[spec.name])).cuda(non_blocking=True)
                 keep.append(t)
-                self.context.set_input_shape(spec.name, tuple(t.shape))
+                if not self.context.set_input_shape(spec.name, tuple(t.shape)):
+                    raise SignatureError(
+                        f"input '{spec.name}': shape {tuple(t.shape)} is outside the "
+                        f"engine's optimization profile {self.profiles.get(spec.name, 'fixed')}"
+                        "; rebuild with a --profile that covers it")
                 self.context.set_tensor_address(spec.name, t.data_ptr())
             outs = {}
             for spec in self.outputs:
@@ -384,6 +366,129 @@ class TensorRTEngine(Engine):  # exercised only where tensorrt + a GPU exist
     def close(self) -> None:
         self.context = None
         self.engine = None
+
+
+def tensorrt_major(version: str) -> int:
+    """Major version of a ``tensorrt.__version__`` string ("10.3.0" → 10)."""
+    try:
+        return int(str(version).split(".")[0])
+    except ValueError as exc:
+        raise EngineError(f"unrecognised TensorRT version '{version}'") from exc
+
+
+@dataclass(frozen=True)
+class TrtBuildPlan:
+    """How to build for a TensorRT version (the version-specific decisions, kept apart from
+    the calls so they can be checked without TensorRT).
+
+    ``strongly_typed``: create the network with ``STRONGLY_TYPED`` (types come from the
+    ONNX; fp16 means an fp16 export). ``builder_flags``: ``BuilderFlag`` names to set
+    (TensorRT 10 weak typing only). ``int8_calibrator``: attach the cache-only calibrator."""
+
+    major: int
+    strongly_typed: bool
+    builder_flags: tuple[str, ...] = ()
+    int8_calibrator: bool = False
+
+
+def plan_trt_build(version: str, precision: str, onnx_fp16: bool) -> TrtBuildPlan:
+    """The build plan for ``precision`` on TensorRT ``version`` (10 or 11), or EngineError
+    saying why that precision cannot be built there.
+
+    TensorRT 10 (JetPack 6.1+): fp32 with no precision flag; an fp16 ONNX strongly typed;
+    fp16 from an fp32 ONNX by weak typing with ``BuilderFlag.FP16``; int8 with
+    ``BuilderFlag.INT8`` + a calibration cache. TensorRT 11 removed the precision flags and
+    the calibrator: every network is strongly typed, so fp16 needs an fp16 ONNX export and
+    int8 an explicitly quantized (Q/DQ) ONNX."""
+    major = tensorrt_major(version)
+    if major < 10:
+        raise EngineError(f"TensorRT {version} is too old: perception2d uses the TensorRT 10/11 "
+                          "named-tensor API (JetPack 6 or a TensorRT 10+ wheel)")
+    if precision not in ("fp32", "fp16", "int8"):
+        raise EngineError(f"precision must be fp32, fp16 or int8; got '{precision}'")
+    if major >= 11:
+        if precision == "fp16" and not onnx_fp16:
+            raise EngineError(
+                f"TensorRT {version} builds strongly typed networks only: fp16 needs an fp16 "
+                "ONNX export (e.g. ModelOpt AutoCast), this ONNX is fp32; use precision fp32 "
+                "or an fp16 export")
+        if precision == "int8":
+            raise EngineError(f"TensorRT {version} has no int8 calibration: int8 needs an "
+                              "explicitly quantized (Q/DQ) ONNX; use precision fp32 or fp16")
+        return TrtBuildPlan(major, strongly_typed=True)
+    if onnx_fp16:  # the export fixes the types: build it as it is
+        return TrtBuildPlan(major, strongly_typed=True)
+    if precision == "fp32":  # TensorRT 10's default (weak typing, no precision flags)
+        return TrtBuildPlan(major, strongly_typed=False)
+    flags = ("FP16", "INT8") if precision == "int8" else ("FP16",)
+    return TrtBuildPlan(major, strongly_typed=False, builder_flags=flags,
+                        int8_calibrator=precision == "int8")
+
+
+def onnx_is_fp16(onnx_path: str | Path) -> bool:
+    """Whether an ONNX export carries fp16 weights (a strongly typed fp16 model)."""
+    import onnx
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    return any(init.data_type == onnx.TensorProto.FLOAT16 for init in model.graph.initializer)
+
+
+def build_serialized_engine(trt: Any, onnx_path: str | Path, *, precision: str,
+                            profiles: Mapping[str, Sequence[Sequence[int]]], logger: Any,
+                            workspace_mb: int = 2048,
+                            calibration_cache: str | Path | None = None,
+                            progress: Callable[[str], None] | None = None,
+                            timing_cache: str | Path | None = None) -> bytes:
+    """Build a serialized engine from ONNX with the ``trt`` module (TensorRT 10 or 11), using
+    only the calls documented for that version (:func:`plan_trt_build`). ``timing_cache``: a
+    file read before and written after the build (builds after the first are faster)."""
+    onnx_path = Path(onnx_path)
+    plan = plan_trt_build(trt.__version__, precision, onnx_is_fp16(onnx_path))
+    builder = trt.Builder(logger)
+    flags = 0
+    if plan.strongly_typed and plan.major == 10:  # 11: always strongly typed, flag ignored
+        flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errs = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise EngineError(f"TensorRT could not parse {onnx_path}: {errs}")
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_mb << 20)
+    for name in plan.builder_flags:
+        config.set_flag(getattr(trt.BuilderFlag, name))
+    if plan.int8_calibrator:
+        if not calibration_cache or not Path(calibration_cache).is_file():
+            raise EngineError("int8 needs a calibration cache file (int8_calibration_cache)")
+        config.int8_calibrator = _CacheOnlyCalibrator(trt, Path(calibration_cache))
+    if profiles:
+        profile = builder.create_optimization_profile()
+        for name, (mn, opt, mx) in profiles.items():
+            profile.set_shape(name, mn, opt, mx)
+        config.add_optimization_profile(profile)
+    cache_obj = None
+    if timing_cache is not None:
+        tc = Path(timing_cache)
+        cache_obj = config.create_timing_cache(tc.read_bytes() if tc.is_file() else b"")
+        if not config.set_timing_cache(cache_obj, False):
+            LOG.warning("TensorRT timing cache %s does not match this GPU/TensorRT; starting "
+                        "a new one", tc)
+            cache_obj = config.create_timing_cache(b"")
+            config.set_timing_cache(cache_obj, False)
+    if progress is not None and hasattr(trt, "IProgressMonitor"):
+        config.progress_monitor = _ProgressMonitor(trt, progress)
+    t0 = time.monotonic()
+    blob = builder.build_serialized_network(network, config)
+    if blob is None:
+        raise EngineError(f"TensorRT engine build failed for {onnx_path} (see the TensorRT log "
+                          "above)")
+    LOG.warning("TensorRT engine built in %.1f s", time.monotonic() - t0)
+    if cache_obj is not None:
+        tc = Path(timing_cache)  # type: ignore[arg-type]
+        tmp = tc.with_suffix(".tmp")
+        tmp.write_bytes(bytes(cache_obj.serialize()))
+        tmp.replace(tc)
+    return bytes(blob)
 
 
 def _torch_dtype(torch: Any, dtype: np.dtype) -> Any:
