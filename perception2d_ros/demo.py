@@ -266,8 +266,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pipeline", default="true", choices=["true", "false"],
                    help="one process for all stages (true) or one node per stage (false)")
     p.add_argument("--rate", type=float, default=1.0, help="playback speed factor")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error")
     a = p.parse_args(argv)
-    return run(a.bag, a.out, a.params_file, a.frames, a.timeout, a.pipeline == "true", a.rate)
+    from perception2d_ros.cli.errors import debug_enabled, run_main
+
+    def checked() -> int:  # the same one-line checks as `perception2d process` / bringup
+        from perception2d_ros.cli.bringup import preflight
+        from perception2d_ros.cli.errors import check_input_bag
+
+        if a.bag is not None:
+            check_input_bag(a.bag)
+        preflight(str(a.params_file), a.pipeline == "true")
+        return run(a.bag, a.out, a.params_file, a.frames, a.timeout, a.pipeline == "true",
+                   a.rate)
+
+    return run_main(checked, prog="make demo", debug=a.debug or debug_enabled())
 
 
 if __name__ == "__main__":

@@ -710,6 +710,40 @@ def test_bad_model_file_fails_configure_clearly_and_stays_unconfigured(
         _drop(ros, node)
 
 
+@pytest.mark.skipif(__import__("importlib").util.find_spec("torch") is not None
+                    and __import__("torch").cuda.is_available(),
+                    reason="a CUDA GPU is visible: detect.device cuda is honoured here")
+def test_device_cuda_without_a_gpu_fails_configure_instead_of_running_on_cpu(ros, capfd):
+    """Issue 15 item 3: an explicit ``detect.device: cuda`` is honoured or refused — never a
+    silent CPU run."""
+    capfd.readouterr()
+    node = _fault_node(ros, "device_cuda", **{"detect.device": "cuda"})
+    try:
+        assert node.pipeline is None and _state(ros, node) == "unconfigured"
+        line = next(ln for ln in capfd.readouterr().err.splitlines() if "configure failed" in ln)
+        assert "device cuda" in line and "[ERROR]" in line, line
+    finally:
+        _drop(ros, node)
+
+
+def test_sam_checkpoint_outside_models_dir_fails_configure(ros, tmp_path, capfd):
+    """Issue 15 item 10: every model parameter is confined to models_dir, as detect.model."""
+    outside = tmp_path / "elsewhere.pth"
+    outside.write_bytes(b"not loaded")
+    capfd.readouterr()
+    node = PerceptionNode("pipeline_node", node_name="fault_sam_outside", context=ros.context,
+                          namespace="/rel_fault", parameter_overrides=[
+                              Parameter("stages", value=["detect", "sam"]),
+                              Parameter("sam.checkpoint", value=str(outside))])
+    ros.add_node(node)
+    try:
+        assert node.pipeline is None and _state(ros, node) == "unconfigured"
+        line = next(ln for ln in capfd.readouterr().err.splitlines() if "configure failed" in ln)
+        assert "sam.checkpoint" in line and "sam.allow_outside_models_dir" in line, line
+    finally:
+        _drop(ros, node)
+
+
 def test_model_with_the_wrong_input_signature_fails_configure(ros, tmp_path, models_dir, capfd):
     """An ONNX whose input is not NCHW 3-channel (here 1 channel): refused at configure."""
     bad = _onnx(tmp_path / "gray_input.onnx", [1, 1, 416, 416])

@@ -194,9 +194,9 @@ def check_input_bag(path: str | Path) -> None:
             pass
     except (ValueError, OSError) as exc:
         reason = one_line(exc.__cause__ or exc)
-        raise UserError(f"cannot read bag {p} ({reason}); it is truncated or not a rosbag2 "
-                        "bag: record it again, or for an interrupted MCAP recording run "
-                        "`mcap recover`", 1) from exc
+        raise UserError(f"cannot read bag {p} ({reason.rstrip('.')}): it is truncated or not "
+                        "a rosbag2 bag; record it again (the mcap CLI's `mcap recover` can "
+                        "often salvage an interrupted MCAP recording)", 1) from exc
 
 
 def check_output_path(path: str | Path, overwrite: bool = False) -> None:

@@ -309,17 +309,11 @@ class TensorRTEngine(Engine):  # exercised only where tensorrt + a GPU exist
         else:
             LOG.warning("BUILDING TensorRT engine for %s (%s) — this can take minutes; "
                         "prebuild with `perception2d models build`", self.onnx_path, precision)
-            try:
-                data = build_serialized_engine(
-                    trt, self.onnx_path, precision=precision, profiles=self.profiles,
-                    logger=self.logger, workspace_mb=workspace_mb,
-                    calibration_cache=int8_calibration_cache, progress=progress,
-                    timing_cache=cache / "timing.cache")
-            except EngineError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - any build failure: clean fallback
-                raise EngineError(f"TensorRT {trt.__version__} engine build failed for "
-                                  f"{self.onnx_path}: {type(exc).__name__}: {exc}") from exc
+            data = build_serialized_engine(
+                trt, self.onnx_path, precision=precision, profiles=self.profiles,
+                logger=self.logger, workspace_mb=workspace_mb,
+                calibration_cache=int8_calibration_cache, progress=progress,
+                timing_cache=cache / "timing.cache")
             tmp = self.engine_path.with_suffix(".tmp")
             tmp.write_bytes(data)
             tmp.replace(self.engine_path)
@@ -441,8 +435,25 @@ def build_serialized_engine(trt: Any, onnx_path: str | Path, *, precision: str,
                             timing_cache: str | Path | None = None) -> bytes:
     """Build a serialized engine from ONNX with the ``trt`` module (TensorRT 10 or 11), using
     only the calls documented for that version (:func:`plan_trt_build`). ``timing_cache``: a
-    file read before and written after the build (builds after the first are faster)."""
-    onnx_path = Path(onnx_path)
+    file read before and written after the build (builds after the first are faster).
+    Any failure (a removed API, out of memory, a parser or builder error) raises
+    :class:`EngineError` with the reason, so ``create_engine`` falls back cleanly."""
+    try:
+        return _build_serialized_engine(trt, Path(onnx_path), precision, profiles, logger,
+                                        workspace_mb, calibration_cache, progress,
+                                        timing_cache)
+    except EngineError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any build failure is a clean fallback
+        raise EngineError(f"TensorRT {getattr(trt, '__version__', '?')} engine build failed "
+                          f"for {onnx_path}: {type(exc).__name__}: {exc}") from exc
+
+
+def _build_serialized_engine(trt: Any, onnx_path: Path, precision: str,
+                             profiles: Mapping[str, Sequence[Sequence[int]]], logger: Any,
+                             workspace_mb: int, calibration_cache: str | Path | None,
+                             progress: Callable[[str], None] | None,
+                             timing_cache: str | Path | None) -> bytes:
     plan = plan_trt_build(trt.__version__, precision, onnx_is_fp16(onnx_path))
     builder = trt.Builder(logger)
     flags = 0
