@@ -154,11 +154,12 @@ class Run:
         if "sam" in chain:
             arch = "vit_t" if "vit_t" in chain else "vit_b"
             cfg["stages"].append("sam")
-            cfg["sam"] = {**eng, "model": str(self.exports[f"sam_{arch}"]["meta"])}
+            cfg["sam"] = {**eng, "model": str(self.exports[f"sam_{arch}"]["meta"]),
+                          "allow_outside_models_dir": True}
         if "clip" in chain:
             cfg["stages"].append("clip")
             cfg["clip"] = {**eng, "model": str(self.exports["clip"]["meta"]),
-                           "templates": ["{}"]}
+                           "templates": ["{}"], "allow_outside_models_dir": True}
         return cfg
 
     def pipeline(self, chain: str, backend: str = "torch", device_frames: str = "auto",

@@ -76,6 +76,7 @@ def test_clip_stage_labels_detections_and_follows_vocabulary(harness, b32, data_
                               Parameter("stages", value=["detect", "clip"]),
                               Parameter("input", value="rect"),
                               Parameter("clip.model", value=str(b32["exported"]["meta"])),
+                              Parameter("clip.allow_outside_models_dir", value=True),
                               Parameter("clip.templates", value=["{}"]),
                               Parameter("vocabulary", value=VOCAB_A)])
     harness.add_node(node)
@@ -130,6 +131,7 @@ def test_lseg_stage_publishes_label_maps(harness, b32, lseg_small, data_dir):
                               Parameter("stages", value=["lseg"]),
                               Parameter("input", value="rect"),
                               Parameter("lseg.model", value=str(lseg_small["image"])),
+                              Parameter("lseg.allow_outside_models_dir", value=True),
                               Parameter("lseg.text_model",
                                         value=str(b32["exported"]["meta"])),
                               Parameter("lseg.templates", value=["{}"]),
@@ -171,7 +173,8 @@ def test_sam_stage_masks_every_detection(harness, sam_random_export, data_dir):
                           parameter_overrides=[
                               Parameter("stages", value=["detect", "sam"]),
                               Parameter("input", value="rect"),
-                              Parameter("sam.model", value=str(files["meta"]))])
+                              Parameter("sam.model", value=str(files["meta"])),
+                              Parameter("sam.allow_outside_models_dir", value=True)])
     harness.add_node(node)
     assert node.pipeline is not None and node.pipeline.names == ["detect", "sam"]
     masks = harness.subscribe(Image, "/camera/masks", RELIABLE)
@@ -210,6 +213,7 @@ def test_separate_clip_node_matches_pipeline_mode(harness, b32, data_dir, tmp_pa
     params = {"/**": {"ros__parameters": {
         "stages": ["detect", "clip"], "input": "rect",
         "clip.model": str(b32["exported"]["meta"]), "clip.templates": ["{}"],
+        "clip.allow_outside_models_dir": True,
         "vocabulary": VOCAB_A}}}
     pfile = tmp_path / "p.yaml"
     pfile.write_text(yaml.safe_dump(params))

@@ -146,7 +146,7 @@ def test_sam_stage_runs_the_mobile_sam_export(mobile, monkeypatch) -> None:
     monkeypatch.setenv("PERCEPTION2D_CACHE_DIR", str(out.parent))
     pipe = build_pipeline(merge_config({"stages": ["detect", "sam"], "sam": {
         "model": "mobile_sam", "checkpoint": str(ckpt), "backend": "onnxruntime",
-        "device": "cpu"}}))
+        "device": "cpu", "allow_outside_models_dir": True}}))
     stage = pipe.stages[-1]
     assert stage.segmenter.meta["arch"] == "vit_t"
     image = cv2.imread(str(COCO_DIR / "images" / PARITY_IMAGES[0]), cv2.IMREAD_COLOR)

@@ -235,7 +235,10 @@ def test_every_model_parameter_is_confined_to_models_dir(tmp_path, stage, key):
     (models / "inside.pt").write_bytes(b"x")
     cfg = merge_config({"stages": ["detect", stage], "models_dir": str(models),
                         stage: {key: str(outside)}})
-    with pytest.raises(ValueError, match=f"{stage}.{key}.*{stage}.allow_outside_models_dir"):
+    from perception2d_ros.core.model_store import ModelFileError
+
+    with pytest.raises(ModelFileError,
+                       match=f"{stage}.{key}.*{stage}.allow_outside_models_dir"):
         confine_model_params(cfg)
     cfg[stage]["allow_outside_models_dir"] = True
     confine_model_params(cfg)  # the same switch for every stage

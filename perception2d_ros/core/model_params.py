@@ -37,8 +37,8 @@ def _resolved(text: str, root: Path) -> Path:
 
 
 def confine_model_params(cfg: dict[str, Any]) -> None:
-    """Raise ValueError naming the parameter if a model parameter of an enabled stage is a
-    path outside the models directory and that stage does not allow it."""
+    """Raise ModelFileError naming the parameter if a model parameter of an enabled stage is
+    a path outside the models directory and that stage does not allow it."""
     from perception2d_ros.core import model_store as ms
 
     root = ms.models_dir(cfg.get("models_dir") or None)
@@ -58,7 +58,7 @@ def confine_model_params(cfg: dict[str, Any]) -> None:
                 continue
             path = _resolved(text, root)
             if path != root and root not in path.parents:
-                raise ValueError(
+                raise ms.ModelFileError(
                     f"{stage}.{key}: '{text}' is outside the models directory {root}; move "
                     f"it there (or set models_dir), or set {stage}.allow_outside_models_dir: "
                     "true to load it from there")
