@@ -85,7 +85,7 @@ CASES: list[Case] = [
               "{d}/bad_backend.yaml"), ("detect.backend", "tensorrt, onnxruntime, torch")),
     Case("process: bag without the camera topic",
          P + ("process", "{d}/good.mcap", "-o", "{d}/out.mcap", "--namespace", "/other"),
-         ("/image_raw", "--namespace")),
+         ("/other", "--image-topic")),
     Case("bringup: params file missing",
          P + ("bringup", "--params-file", "{d}/missing.yaml"), ("missing.yaml", "not found")),
     Case("bringup: unknown stage",

@@ -78,7 +78,8 @@ def process_bag(in_path: str | Path, out_path: str | Path, cfg: dict, *,
             cam = find_camera_topics(topics, rectified=not raw_input, namespace=namespace,
                                      image_topic=image_topic)
         except ValueError as exc:
-            raise UserError(str(exc), 1) from None
+            raise UserError(f"{exc}; pick the camera with --namespace or --image-topic",
+                            1) from None
         if raw_input and cam.camera_info is None:
             raise UserError(f"no sensor_msgs/CameraInfo topic {cam.namespace}/camera_info "
                             f"beside {cam.image} (rectify needs the calibration); record it "

@@ -254,7 +254,7 @@ def how_to_get(entry: ModelEntry | None, path: str | Path, name: str = "") -> st
     provided (fetch / export), or the manifest's own instructions (user export, manual)."""
     if entry is None:
         return f"put the file at {path}"
-    if entry.url:  # `models fetch` downloads it (a bundled file with a URL too)
+    if entry.url or entry.provision == "fetch":  # `models fetch` downloads it
         return f"run `perception2d models fetch {entry.name}`"
     if entry.provision == "export":
         return f"run `perception2d models export {entry.name}`"
