@@ -229,7 +229,7 @@ def main() -> int:
             res = run_case(case, d)
             lines = error_lines(res.stderr)
             line = lines[-1] if lines else ""
-            line = line.replace(str(d) + "/", "").replace(str(ROOT) + "/", "")
+            line = line.replace(str(d) + "/", "").replace(str(ROOT), "<repo>")
             rows.append((case, res.returncode, line))
             print(f"{res.returncode:>3}  {case.name}: {line}", flush=True)
     text = table(rows)
