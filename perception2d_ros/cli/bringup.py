@@ -39,7 +39,8 @@ def commands(args: argparse.Namespace) -> list[list[str]]:
     return cmds
 
 
-def preflight(params_file: str | None, pipeline: bool = True) -> None:
+def preflight(params_file: str | None, pipeline: bool = True, check_files: bool = True
+              ) -> None:
     """Check before any node starts what would make a node fail at configure (params file,
     every parameter, model paths and files), so a mistake is one line here, not a node that
     sits unconfigured. Raises :class:`perception2d_ros.cli.errors.UserError` and model errors.
@@ -57,11 +58,14 @@ def preflight(params_file: str | None, pipeline: bool = True) -> None:
         raise UserError(one_line(exc)) from exc
     for spec in specs:
         cfg = load_params(params_file, node=spec.name, overrides=spec.overrides)
-        check_model_files(cfg)
+        if check_files:
+            check_model_files(cfg)
 
 
 def run(args: argparse.Namespace) -> int:
-    preflight(args.params_file, args.pipeline == "true")
+    # --print shows the commands (maybe for another machine): parameters are checked, the
+    # model files only where the nodes start
+    preflight(args.params_file, args.pipeline == "true", check_files=not args.print)
     cmds = commands(args)
     if args.print:
         for c in cmds:
