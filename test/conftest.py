@@ -1,9 +1,17 @@
 """Shared test fixtures. Test data lives in test/data (see test/data/ATTRIBUTION.md)."""
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
+
+# launch_testing's pytest plugin (the real launch stack, installed by `make test`) imports
+# `launch`, which makes every logger created afterwards a non-propagating LaunchLogger. Our
+# nodes forward core warnings through the `perception2d` logger's handlers (propagation), as
+# they do in a node process, which never imports launch: restore the standard class here.
+if logging.getLoggerClass() is not logging.Logger:
+    logging.setLoggerClass(logging.Logger)
 
 TEST_DIR = Path(__file__).resolve().parent
 DATA_DIR = TEST_DIR / "data"
