@@ -86,6 +86,9 @@ def _fmt_stage(r: dict[str, Any]) -> str:
              f"          stage p95 {r['p95_ms']:.3f} ms, {r['frames']} frames {r['size']}, "
              f"backend {r['backend']}, model {r['model']}",
              f"          floor = {r['floor']}",
+             *([f"          floor + rclpy publish {r['floor_with_publish_ms']:.3f} ms "
+                f"(ratio {r['ratio_vs_floor_with_publish']:.3f}x): {r['floor_with_publish']}"]
+               if "floor_with_publish_ms" in r else []),
              f"          stage = {r['stage_measures']}",
              "          breakdown p50 ms: " + ", ".join(
                  f"{k} {v}" for k, v in r["breakdown_ms_p50"].items())]
