@@ -132,6 +132,36 @@ def cpu_seconds() -> float:
     return t.user + t.system
 
 
+class LatencyHistogram:
+    """Latencies in fixed memory: 0.05 ms bins up to 10 s (+ exact max), so a soak of any
+    length adds nothing per frame to the process whose RSS it measures."""
+
+    BIN_S = 50e-6
+    SPAN_S = 10.0
+
+    def __init__(self) -> None:
+        self.bins = np.zeros(int(self.SPAN_S / self.BIN_S) + 1, np.int64)
+        self.count = 0
+        self.max_s = 0.0
+
+    def add(self, seconds: float) -> None:
+        self.bins[min(max(int(seconds / self.BIN_S), 0), len(self.bins) - 1)] += 1
+        self.count += 1
+        if seconds > self.max_s:
+            self.max_s = seconds
+
+    def summary_ms(self) -> dict[str, float]:
+        """p50 / p95 (bin centres, 0.05 ms resolution) and max, ms; zeros when empty."""
+        if not self.count:
+            return {"p50": 0.0, "p95": 0.0, "max": 0.0}
+        cum = np.cumsum(self.bins)
+
+        def pct(q: float) -> float:
+            i = int(np.searchsorted(cum, q / 100.0 * self.count, side="left"))
+            return round(min((i + 0.5) * self.BIN_S, self.max_s) * 1e3, 2)
+        return {"p50": pct(50), "p95": pct(95), "max": round(self.max_s * 1e3, 2)}
+
+
 class ProcessSampler:
     """Samples RSS (and GPU memory where torch has a CUDA device) every ``period`` seconds in
     a background thread; ``result()`` gives CPU %, RSS start/end/max and the RSS slope."""
@@ -170,7 +200,8 @@ class ProcessSampler:
                "rss_mb_start": round(rss[0], 1), "rss_mb_end": round(rss[-1], 1),
                "rss_mb_max": round(max(rss), 1),
                "rss_slope_mb_per_min": round(linear_slope(t, r) * 60.0, 3),
-               "rss_samples": len(r)}
+               "rss_slope_after_s": skip_s, "rss_samples": len(r),
+               "rss_series_s_mb": [[round(a, 1), round(b, 2)] for a, b in self.samples]}
         gpu = gpu_memory_mb()
         out["gpu_memory_mb"] = gpu if gpu is not None else "n/a (no CUDA device in use)"
         return out

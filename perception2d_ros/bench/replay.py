@@ -33,8 +33,8 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from .common import (ProcessSampler, camera_info_fields, machine_info, real_frames,
-                     ros_env_defaults, set_threads, summarize_ms)
+from .common import (LatencyHistogram, ProcessSampler, camera_info_fields, machine_info,
+                     real_frames, ros_env_defaults, set_threads)
 
 NS = "/bench"
 
@@ -134,8 +134,13 @@ class _Graph:
         self.pub_img = self.driver.create_publisher(Image, "image_raw", qos)
         self.pub_info = self.driver.create_publisher(CameraInfo, "camera_info", qos)
         self.lock = threading.Lock()
-        self.recv: dict[str, dict[int, int]] = {"rectify": {}, "detect": {}}
-        self.sent: dict[int, int] = {}
+        # fixed memory per run (a soak's RSS slope must not measure the harness): stamps in
+        # flight only (pruned when the last output arrives or after FORGET_NS), counters and
+        # latency histograms
+        self.in_flight: dict[int, int] = {}
+        self.n_sent = 0
+        self.out: dict[str, LatencyHistogram] = {}
+        self.reset_counts()
         self.new_output = threading.Condition(self.lock)
         self.driver.create_subscription(CameraInfo, "camera_info_rect",
                                         lambda m: self._on_out("rectify", m), qos)
@@ -180,12 +185,31 @@ class _Graph:
         raise TimeoutError("bench graph: DDS discovery did not complete within "
                            f"{timeout:g} s (check ROS_DOMAIN_ID / FASTDDS profile)")
 
+    FORGET_NS = 10_000_000_000  # a frame without its last output after 10 s is lost
+
+    def reset_counts(self) -> None:
+        """Start a run: nothing in flight, no outputs (call with the lock held or idle)."""
+        self.in_flight.clear()
+        self.n_sent = 0
+        self.out = {"rectify": LatencyHistogram(), "detect": LatencyHistogram()}
+
+    def sent(self, ns: int, i: int) -> None:
+        with self.lock:
+            self.in_flight[ns] = i
+            self.n_sent += 1
+            if len(self.in_flight) > 64:  # frames dropped by newest-wins never answer
+                old = ns - self.FORGET_NS
+                for k in [k for k in self.in_flight if k < old]:
+                    del self.in_flight[k]
+
     def _on_out(self, stage: str, msg: Any) -> None:
         now = time.time_ns()
         ns = msg.header.stamp.sec * 1_000_000_000 + msg.header.stamp.nanosec
         with self.lock:
-            if ns in self.sent:  # ignore late outputs of an earlier run
-                self.recv[stage][ns] = now
+            if ns in self.in_flight:  # ignore late outputs of an earlier run
+                self.out[stage].add((now - ns) / 1e9)
+                if stage == "detect":  # the chain's last output: the frame is done
+                    del self.in_flight[ns]
                 self.new_output.notify_all()
 
     def dropped(self) -> dict[str, int]:
@@ -225,13 +249,11 @@ def _stamp(msg: Any, ns: int) -> None:
 
 # --------------------------------------------------------------------------- one run
 def _play(g: _Graph, msgs: Sequence[Any], info: Any, rate: float | None, duration: float,
-          window: int) -> dict[str, Any]:
+          window: int, warmup_s: float | None = None) -> dict[str, Any]:
     """Publish for ``duration`` s at ``rate`` Hz (None: closed loop with ``window`` frames in
     flight); returns the per-run statistics."""
     with g.lock:
-        for d in g.recv.values():
-            d.clear()
-        g.sent.clear()
+        g.reset_counts()
     # refresh the nodes' "camera_info seen" clock after an idle gap (else the first image of
     # a run can be reported as missing its calibration when its info is handled second)
     _stamp(info, time.time_ns())
@@ -256,7 +278,7 @@ def _play(g: _Graph, msgs: Sequence[Any], info: Any, rate: float | None, duratio
                     i = int((now - t_start) * rate)
             else:
                 with g.lock:
-                    if len(g.sent) - len(g.recv["detect"]) - stalled >= window:
+                    if g.n_sent - g.out["detect"].count - stalled >= window:
                         if not g.new_output.wait(timeout=1.0):
                             stalled += 1
                         continue
@@ -264,29 +286,22 @@ def _play(g: _Graph, msgs: Sequence[Any], info: Any, rate: float | None, duratio
             ns = time.time_ns()
             _stamp(msg, ns)
             _stamp(info, ns)
-            with g.lock:
-                g.sent[ns] = i
+            g.sent(ns, i)
             g.pub_info.publish(info)
             g.pub_img.publish(msg)
             i += 1
         end = time.monotonic() + 2.0  # let the frames in flight arrive
         while time.monotonic() < end:
             with g.lock:
-                if len(g.recv["detect"]) >= len(g.sent):
+                if g.out["detect"].count >= g.n_sent:
                     break
             time.sleep(0.02)
     wall = time.monotonic() - t_start
     drop1 = g.dropped()
     with g.lock:
-        sent = dict(g.sent)
-        recv = {k: dict(v) for k, v in g.recv.items()}
-    n_in = len(sent)
-    per_stage = {}
-    for stage, got in recv.items():
-        lat = [(got[ns] - ns) / 1e9 for ns in sent if ns in got]
-        s = summarize_ms(lat)
-        per_stage[stage] = {"out_fps": round(len(lat) / duration, 2), "frames_out": len(lat),
-                            "latency_ms": {k: s[k] for k in ("p50", "p95", "max")}}
+        n_in = g.n_sent
+        per_stage = {stage: {"out_fps": round(h.count / duration, 2), "frames_out": h.count,
+                             "latency_ms": h.summary_ms()} for stage, h in g.out.items()}
     drops = {k: drop1[k] - drop0.get(k, 0) for k in drop1}
     final = per_stage["detect"]["frames_out"]
     return {"rate": "max" if rate is None else rate, "duration_s": round(wall, 2),
@@ -294,7 +309,8 @@ def _play(g: _Graph, msgs: Sequence[Any], info: Any, rate: float | None, duratio
             "stages": per_stage, "end_to_end": per_stage["detect"],
             "dropped_newest_wins": drops, "dropped_total": sum(drops.values()),
             "lost_other": max(0, n_in - final - sum(drops.values())),
-            "process": sampler.result(skip_s=min(10.0, duration * 0.2)),
+            "process": sampler.result(skip_s=min(10.0, duration * 0.2) if warmup_s is None
+                                      else warmup_s),
             "node_stats": g.node_stats()}
 
 
@@ -369,15 +385,23 @@ def run_overload(*, bag: str | None, rate: float = 30.0, duration: float = 600.0
                  mode: str = "pipeline", size: tuple[int, int] = (1920, 1080),
                  threads: int | None = None, backend: str = "auto",
                  model: str = "yolox_nano", models_dir: str | None = None,
-                 slow_ms: float = 0.0) -> dict[str, Any]:
-    """Feed ``rate`` Hz for ``duration`` s into a stage slower than that; see module doc."""
+                 slow_ms: float = 0.0, warmup_s: float | None = None) -> dict[str, Any]:
+    """Feed ``rate`` Hz for ``duration`` s into a stage slower than that; see module doc.
+
+    ``warmup_s`` (default min(300 s, a fifth of the run)): the first seconds left out of the
+    RSS slope. glibc's malloc raises its mmap threshold after the first large frees, so
+    frame-sized buffers move from mmap into the heap and RSS climbs to a plateau over the
+    first minutes (~2,000 frames at 1080p); the slope after that is the one that would
+    grow without bound. The whole RSS series is in the result either way."""
+    if warmup_s is None:
+        warmup_s = min(300.0, duration * 0.2)
     ros_env_defaults()
     n_threads = set_threads(threads)
     msgs, info, source = load_frames(bag, size)
     g = _Graph(mode, threads, backend, model, models_dir, slow_ms=slow_ms)
     try:
         _play(g, msgs, info, None, 2.0, len(g.nodes))
-        run = _play(g, msgs, info, float(rate), duration, len(g.nodes))
+        run = _play(g, msgs, info, float(rate), duration, len(g.nodes), warmup_s=warmup_s)
         stage_ms = g.stage_time_ms()
         stage_p95 = g.stage_time_ms("p95")
     finally:
@@ -404,6 +428,7 @@ def run_overload(*, bag: str | None, rate: float = 30.0, duration: float = 600.0
             "drop_fraction": round(run["dropped_total"] / max(1, run["frames_in"]), 3),
             "lost_other": run["lost_other"],
             "rss_slope_mb_per_min": run["process"]["rss_slope_mb_per_min"],
+            "rss_slope_after_s": warmup_s,
             "rss_mb_start": run["process"]["rss_mb_start"],
             "rss_mb_end": run["process"]["rss_mb_end"],
             "cpu_percent_of_one_core": run["process"]["cpu_percent_of_one_core"],

@@ -260,6 +260,16 @@ def _run_node_stage(stage: str, ctx: Any, *, frames: int, size: tuple[int, int],
             map1, map2 = conv.CameraModelCache().get(info).rectify_maps()
             remap_out = np.empty_like(imgs[0])
             interp = cv2.INTER_LINEAR
+        # second floor for stages that publish an image: remap + rclpy publish() of a prebuilt
+        # Image of the same size on a publisher of the same node (rclpy's own cost: message
+        # conversion + serialisation copies, what any rclpy node pays to publish that image)
+        publish_floor = None
+        if cam is not None:
+            from sensor_msgs.msg import Image as ImageMsg
+
+            floor_pub = node.create_publisher(ImageMsg, "bench_publish_floor", 1)
+            floor_msg = conv.array_to_image_msg(imgs[0], "bgr8", msgs[0].header)
+            publish_floor = (floor_pub, floor_msg)
         tensors = []
         if det is not None:
             src = [cam.rectify(i) for i in imgs] if cam is not None else imgs
@@ -273,6 +283,10 @@ def _run_node_stage(stage: str, ctx: Any, *, frames: int, size: tuple[int, int],
                 cv2.remap(imgs[i], map1, map2, interp, dst=remap_out,
                           borderMode=cv2.BORDER_CONSTANT)
                 out["remap"] = time.perf_counter() - t0
+                if publish_floor is not None and stage == "rectify":
+                    t0 = time.perf_counter()
+                    publish_floor[0].publish(publish_floor[1])
+                    out["rclpy_publish"] = time.perf_counter() - t0
             if det is not None:
                 t0 = time.perf_counter()
                 det.engine.infer({feed_name: tensors[i]})
@@ -282,7 +296,8 @@ def _run_node_stage(stage: str, ctx: Any, *, frames: int, size: tuple[int, int],
         stamp0 = time.time_ns()
         sample: dict[str, list[float]] = {k: [] for k in (
             "floor", "remap", "infer", "stage", "first_out", "handoff", "runner", "pipeline",
-            "publish", "preprocess", "postprocess", "det_infer", "build")}
+            "publish", "preprocess", "postprocess", "det_infer", "build",
+            "rclpy_publish", "floor_with_publish")}
         for i in range(warmup + frames):
             k = i % len(msgs)
             fl = floor_once(k)
@@ -311,7 +326,9 @@ def _run_node_stage(stage: str, ctx: Any, *, frames: int, size: tuple[int, int],
             sample["publish"].append(t_last - runner.t_end)
             for key, v in fl.items():
                 sample[key].append(v)
-            sample["floor"].append(sum(fl.values()))
+            sample["floor"].append(sum(v for k, v in fl.items() if k != "rclpy_publish"))
+            if "rclpy_publish" in fl:
+                sample["floor_with_publish"].append(sum(fl.values()))
             if det is not None:
                 sample["preprocess"].append(det_timings.get("preprocess", 0.0) / 1e3)
                 sample["det_infer"].append(det_timings.get("infer", 0.0) / 1e3)
@@ -352,9 +369,15 @@ def _run_node_stage(stage: str, ctx: Any, *, frames: int, size: tuple[int, int],
                 "first_output_published": summarize_ms(sample["first_out"])["p50"],
             },
             "floor_parts_ms_p50": {k: summarize_ms(sample[k])["p50"]
-                                   for k in ("remap", "infer") if sample[k]},
+                                   for k in ("remap", "infer", "rclpy_publish") if sample[k]},
             "machine": machine_info(),
         }
+        if sample["floor_with_publish"]:
+            fwp = summarize_ms(sample["floor_with_publish"])["p50"]
+            result["floor_with_publish_ms"] = fwp
+            result["ratio_vs_floor_with_publish"] = round(st["p50"] / fwp, 3) if fwp else None
+            result["floor_with_publish"] = ("cv2.remap as above + rclpy publish() of a prebuilt "
+                                            "Image of the same size (no subscriber)")
         if det is not None:
             result["breakdown_ms_p50"].update({
                 "detector_preprocess": summarize_ms(sample["preprocess"])["p50"],

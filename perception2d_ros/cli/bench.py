@@ -55,6 +55,9 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--overload", action="store_true",
                    help="soak: feed --rate Hz into a stage slower than that")
     p.add_argument("--rate", type=float, default=30.0, help="overload input rate (default 30)")
+    p.add_argument("--warmup-s", type=float, default=None,
+                   help="overload: seconds left out of the RSS slope (default min(300, "
+                        "duration/5): malloc's warm-up plateau)")
     p.add_argument("--slow-ms", type=float, default=0.0,
                    help="replay/overload: the harness adds this sleep to the last stage")
     p.add_argument("--compare", nargs=2, metavar=("A.json", "B.json"),
@@ -86,6 +89,9 @@ def _fmt_stage(r: dict[str, Any]) -> str:
              f"          stage p95 {r['p95_ms']:.3f} ms, {r['frames']} frames {r['size']}, "
              f"backend {r['backend']}, model {r['model']}",
              f"          floor = {r['floor']}",
+             *([f"          floor + rclpy publish {r['floor_with_publish_ms']:.3f} ms "
+                f"(ratio {r['ratio_vs_floor_with_publish']:.3f}x): {r['floor_with_publish']}"]
+               if "floor_with_publish_ms" in r else []),
              f"          stage = {r['stage_measures']}",
              "          breakdown p50 ms: " + ", ".join(
                  f"{k} {v}" for k, v in r["breakdown_ms_p50"].items())]
@@ -121,7 +127,8 @@ def _fmt_overload(r: dict[str, Any]) -> str:
             f"max {r['latency_max_ms']} ms = {r['latency_p95_over_stage']}x stage time; "
             f"out {r['out_fps']} fps of {r['in_fps']}; dropped {r['dropped_newest_wins']} "
             f"({r['drop_fraction']:.1%}), lost {r['lost_other']}; RSS {r['rss_mb_start']} -> "
-            f"{r['rss_mb_end']} MB, slope {r['rss_slope_mb_per_min']} MB/min; "
+            f"{r['rss_mb_end']} MB, slope {r['rss_slope_mb_per_min']} MB/min after "
+            f"{r['rss_slope_after_s']:g} s; "
             f"CPU {r['cpu_percent_of_one_core']}% of one core")
 
 
@@ -182,7 +189,7 @@ def run(args: argparse.Namespace) -> int:
             r = run_overload(bag=args.bag, rate=args.rate, duration=args.duration or 600.0,
                              mode=args.mode, size=size, threads=threads, backend=args.backend,
                              model=args.model, models_dir=args.models_dir,
-                             slow_ms=args.slow_ms)
+                             slow_ms=args.slow_ms, warmup_s=args.warmup_s)
             _emit(r, args, _fmt_overload(r))
             return 0
         if args.bag or args.rates:

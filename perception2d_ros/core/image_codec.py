@@ -275,6 +275,35 @@ def array_to_image_fields(
     }
 
 
+def message_buffer_array(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+    """A C-contiguous array whose memory is an ``array.array('B')``: a ``sensor_msgs/Image``
+    built from it (:func:`message_buffer_of`) takes that buffer as ``data`` with no copy.
+
+    Writing a result straight into such an array (``cv2.remap(..., dst=a)``) saves the one
+    copy an image message otherwise costs (~0.2 ms per 720p bgr8 frame).
+    """
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape)) * dtype.itemsize
+    buf = _array.array("B", bytes(nbytes))
+    return np.frombuffer(buf, dtype=dtype).reshape(shape)
+
+
+def message_buffer_of(array: np.ndarray) -> "_array.array | None":
+    """The ``array.array('B')`` behind ``array`` when ``array`` is exactly all of it (as made
+    by :func:`message_buffer_array`, little-endian or single-byte data), else None."""
+    if not array.flags.c_contiguous or (array.dtype.itemsize > 1
+                                        and array.dtype.byteorder == ">"):
+        return None
+    base = array
+    while isinstance(base, np.ndarray):
+        base = base.base
+    obj = base.obj if isinstance(base, memoryview) else base
+    if isinstance(obj, _array.array) and obj.typecode == "B" and len(obj) == array.nbytes \
+            and array.ctypes.data == obj.buffer_info()[0]:
+        return obj
+    return None
+
+
 def convert(array: np.ndarray, src_encoding: str, dst_encoding: str) -> np.ndarray:
     """Convert a decoded image to ``bgr8``, ``rgb8`` or ``mono8`` (model input).
 

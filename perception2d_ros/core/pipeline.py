@@ -16,6 +16,8 @@ from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 
+from perception2d_ros.core.image_codec import message_buffer_array, message_buffer_of
+
 LOG = logging.getLogger("perception2d.pipeline")
 
 STAGE_ORDER = ("rectify", "detect", "track", "sam", "clip", "lseg")
@@ -113,13 +115,15 @@ class RectifyStage:
         self.interpolation = cv2.INTER_LINEAR if interpolation is None else interpolation
         # last output, reused when no one else holds it; the refcount of a sole owner is
         # measured through the same call so it holds on any CPython version
-        self._out: np.ndarray = np.empty((0,), np.uint8)
+        # its memory is an array.array that an Image message takes as ``data`` with no copy
+        self._out: np.ndarray = message_buffer_array((1,), np.uint8)
         self._sole_refs = self._out_refs()
         self.output_encoding = output_encoding
         self.device_frames: Any = None   # core.gpu.DeviceFrames: rectify on the device
 
-    def _out_refs(self) -> int:
-        return sys.getrefcount(self._out)
+    def _out_refs(self) -> tuple[int, int]:
+        # the array and its buffer: a message that took the buffer holds only the latter
+        return sys.getrefcount(self._out), sys.getrefcount(message_buffer_of(self._out))
 
     def process(self, frame: Frame) -> None:
         if frame.camera is None:
@@ -149,8 +153,8 @@ class RectifyStage:
             # message or view still holding it gets a fresh array): a fresh 2.7 MB array per
             # 720p frame costs ~1 ms of page faults, a quarter of the remap itself.
             if (self._out.shape != image.shape or self._out.dtype != image.dtype
-                    or self._out_refs() > self._sole_refs):
-                self._out = np.empty(image.shape, image.dtype)
+                    or self._out_refs() != self._sole_refs):
+                self._out = message_buffer_array(image.shape, image.dtype)
             frame.rectified = cam.rectify(image, interpolation=self.interpolation, out=self._out)
         if self.output_encoding not in ("passthrough", encoding):
             frame.rectified = convert_image(frame.rectified, encoding, self.output_encoding,

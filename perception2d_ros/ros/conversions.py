@@ -12,7 +12,7 @@ from std_msgs.msg import Header
 
 from perception2d_ros.core.camera import CameraModel
 from perception2d_ros.core.image_codec import (array_to_image_fields, decode_compressed,
-                                               image_to_array)
+                                               image_to_array, message_buffer_of)
 
 
 def copy_header(header: Header, frame_id: str | None = None) -> Header:
@@ -53,9 +53,11 @@ def array_to_image_msg(array: np.ndarray, encoding: str, header: Header) -> Imag
     msg = Image(header=copy_header(header), height=fields["height"], width=fields["width"],
                 encoding=fields["encoding"], is_bigendian=int(fields["is_bigendian"]),
                 step=fields["step"], check_fields=True)
-    buf = _pyarray.array("B")  # (the parameter `array` shadows the module name)
-    buf.frombytes(fields["data"])  # the one copy; assigning bytes would be copied again
-    msg.data = buf
+    buf = message_buffer_of(array)
+    if buf is None:  # the one copy; assigning bytes would be copied again
+        buf = _pyarray.array("B")  # (the parameter `array` shadows the module name)
+        buf.frombytes(fields["data"])
+    msg.data = buf  # a message buffer (rectify's output) is taken as is: no copy
     return msg
 
 
