@@ -69,9 +69,10 @@ class _TimedRunner:
         self.t_start = self.t_end = 0.0
         self.timings: dict[str, float] = {}
 
-    def run(self, image_msg: Any, info_msg: Any, detections_msg: Any = None) -> Any:
+    def run(self, *args: Any, **kwargs: Any) -> Any:
+        """Same arguments as ``FrameRunner.run``."""
         self.t_start = time.perf_counter()
-        frame, msgs = self._runner.run(image_msg, info_msg, detections_msg)
+        frame, msgs = self._runner.run(*args, **kwargs)
         self.t_end = time.perf_counter()
         # keep only the timings: holding the frame would keep its buffers alive (and
         # defeat the rectify stage's output reuse)
