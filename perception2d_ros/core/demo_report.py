@@ -160,7 +160,7 @@ def _axes(img: np.ndarray, x0: int, y0: int, w: int, h: int, ymax: float, title:
         cv2.line(img, (x0, y), (x0 + w, y), (225, 225, 225), 1)
         _text(img, f"{v:g}", (x0 - 44, y + 4), 0.42, (90, 90, 90))
         v += step
-    _text(img, unit, (x0 - 44, y0 - 12 + 26), 0.42, (90, 90, 90))
+    _text(img, unit, (x0 - 44, y0 - 12), 0.42, (90, 90, 90))
     return h / ymax
 
 
@@ -244,11 +244,12 @@ def text_summary(s: Mapping[str, Any]) -> str:
             f"{k} {v['p50']:.1f}/{v['p95']:.1f}" for k, v in lat.items()))
     gt = s.get("gt_recall")
     if gt:
-        per = "; ".join(f"GT object {o['row']} ({o['mean_size_px'][0]:.0f}x"
-                        f"{o['mean_size_px'][1]:.0f} px) {o['matched']}/{o['frames']}"
-                        for o in gt["per_object"])
-        out.append(f"GT recall @IoU{gt['iou_threshold']:.1f}       : {gt['recall']:.0%} "
-                   f"({gt['matched']}/{gt['gt_boxes']} vehicle boxes; {gt['compared_in']}) — {per}")
+        out.append(f"GT recall @IoU {gt['iou_threshold']:.1f}    : {gt['recall']:.0%} of "
+                   f"{gt['gt_boxes']} vehicle boxes ({gt['compared_in'].split(':')[0]})")
+        for o in gt["per_object"]:
+            out.append(f"  GT object {o['row']}          : {o['mean_size_px'][0]:.0f}x"
+                       f"{o['mean_size_px'][1]:.0f} px, found in {o['matched']}/{o['frames']} "
+                       "frames")
     for t in s.get("tracks", [])[:6]:
         d = t.get("distance_m")
         dist = f", ground distance {d[0]:.1f} -> {d[1]:.1f} m" if d else ""
