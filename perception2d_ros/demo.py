@@ -208,6 +208,49 @@ def inspect_bag(bag: Path) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------ running
+def play_lockstep(bag: Path, topics: list[str], image_topic: str, outputs: Any,
+                  reliable: bool, timeout: float) -> int:
+    """Play ``topics`` of ``bag`` in order, each image only once ``outputs()`` (detections
+    recorded so far) has caught up with the images before it: no frame is ever skipped by a
+    busy machine (CI). Returns the images played."""
+    import sys as _sys
+
+    from tqdm import tqdm
+
+    from perception2d_ros.core.bagio import BagReader
+    from perception2d_ros.ros.bag_play import (_wait_for_subscribers, get_msg_class,
+                                               qos_for_topic, ros_node)
+
+    stop = threading.Event()
+    with BagReader(bag) as reader, ros_node("perception2d_demo_play") as node:
+        metas = reader.topics
+        pubs = {t: node.create_publisher(get_msg_class(metas[t].msgtype), t,
+                                         qos_for_topic(t, reliable)) for t in topics}
+        _wait_for_subscribers(pubs, 1, timeout, stop)
+        images = 0
+        bar = tqdm(total=metas[image_topic].count, desc="play (lockstep)", unit="frame",
+                   file=_sys.stderr, leave=False)
+        for m in reader.messages(topics):
+            if m.topic == image_topic:
+                deadline = time.monotonic() + timeout
+                while outputs() < images and time.monotonic() < deadline:
+                    time.sleep(0.005)
+                images += 1
+                bar.update(1)
+            pubs[m.topic].publish(m.rawdata)
+        bar.close()
+        for pub in pubs.values():
+            if reliable:
+                pub.wait_for_all_acked(_seconds(2.0))
+    return images
+
+
+def _seconds(s: float) -> Any:
+    from rclpy.duration import Duration
+
+    return Duration(nanoseconds=int(s * 1e9))
+
+
 def _write_params(path: Path, params: dict[str, Any]) -> Path:
     import yaml
 
@@ -218,7 +261,7 @@ def _write_params(path: Path, params: dict[str, Any]) -> Path:
 
 def run_nodes(bag: Path, cam: dict[str, Any], params_file: Path, out_bag: Path,
               record_topics: list[str], play_topics: list[str], pipeline: bool, rate: float,
-              reliable: bool, timeout: float) -> None:
+              reliable: bool, timeout: float, lockstep: bool = False) -> None:
     """bag play -> ``perception2d bringup`` -> bag record, with progress bars."""
     from tqdm import tqdm
 
@@ -254,9 +297,15 @@ def run_nodes(bag: Path, cam: dict[str, Any], params_file: Path, out_bag: Path,
         log("waiting for the nodes (model load) and the recorder")
         if not ready.wait(timeout) or "error" in rec_result:
             raise RuntimeError(f"nodes did not come up: {rec_result.get('error', 'timeout')}")
-        log(f"playing {cam['frames']} frames through the nodes")
-        play(bag, rate=rate, wait_subscribers=1, wait_timeout=timeout, progress=True,
-             reliable=reliable, topics=play_topics)
+        log(f"playing {cam['frames']} frames through the nodes"
+            + (" (lockstep: each frame after the previous one's detections)" if lockstep
+               else ""))
+        if lockstep:
+            play_lockstep(bag, play_topics, cam["image_topic"], lambda: live[det_topic],
+                          reliable=reliable, timeout=timeout)
+        else:
+            play(bag, rate=rate, wait_subscribers=1, wait_timeout=timeout, progress=True,
+                 reliable=reliable, topics=play_topics)
         deadline = time.monotonic() + 30
         bar = tqdm(total=cam["frames"], desc="outputs", unit="frame", file=sys.stderr,
                    leave=False)
@@ -289,7 +338,7 @@ def run_nodes(bag: Path, cam: dict[str, Any], params_file: Path, out_bag: Path,
 
 def run(bag: Path | None, out_dir: Path, params_file: Path | None, frames: int | None,
         timeout: float, pipeline: bool = True, rate: float = 1.0,
-        demo_config: Path | None = None) -> int:
+        demo_config: Path | None = None, lockstep: bool = False) -> int:
     """The demo end to end; returns the exit status (0: every frame came out)."""
     from perception2d_ros.core.demo_sequence import load_sequence
 
@@ -338,7 +387,8 @@ def run(bag: Path | None, out_dir: Path, params_file: Path | None, frames: int |
         play_topics.append("/tf_static")
     out_bag = out_dir / "output.mcap"
     run_nodes(bag, cam, params_path, out_bag, rec_topics, play_topics, pipeline, rate,
-              reliable=params.get("image_reliability") == "reliable", timeout=timeout)
+              reliable=params.get("image_reliability") == "reliable", timeout=timeout,
+              lockstep=lockstep)
     summary, pics = summarize(bag, out_bag, out_dir, cam, params, missing, notes, seq, extr)
     summary["seconds"] = round(time.monotonic() - t0, 1)
     summary["features"] = feats
@@ -680,13 +730,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pipeline", default="true", choices=["true", "false"],
                    help="one process for all stages (true) or one node per stage (false)")
     p.add_argument("--rate", type=float, default=1.0, help="playback speed factor")
+    p.add_argument("--lockstep", action="store_true",
+                   help="play each frame once the previous one's detections are recorded "
+                        "(no frame skipped on a busy machine; latency without queueing)")
 
 
 def run_args(a: argparse.Namespace) -> int:
     """Run with parsed options; a user error is one line and exit status 2."""
     try:
         return run(a.bag, a.out.resolve(), a.params_file, a.frames, a.timeout,
-                   a.pipeline == "true", a.rate, a.demo_config)
+                   a.pipeline == "true", a.rate, a.demo_config, a.lockstep)
     except DemoError as exc:
         print(f"demo: {exc}", file=sys.stderr)
         return 2
