@@ -51,14 +51,12 @@ def log(msg: str) -> None:
 
 # ------------------------------------------------------------------------------ features
 def features() -> dict[str, bool]:
-    """What this build of the nodes supports (the demo uses each where present):
-    ``compressed`` image input (``image_transport``), camera pose from TF
-    (``extrinsics.source``) and the ``track`` stage."""
+    """What this build of the nodes supports (the demo uses each where present): camera
+    pose from TF (``extrinsics.source``) and the ``track`` stage."""
     from perception2d_ros.core.pipeline import STAGE_ORDER, merge_config
 
     cfg = merge_config({})
-    return {"compressed": "image_transport" in cfg,
-            "tf": "source" in cfg.get("extrinsics", {}),
+    return {"tf": "source" in cfg.get("extrinsics", {}),
             "track": "track" in STAGE_ORDER}
 
 
@@ -86,8 +84,8 @@ def plan_params(params: dict[str, Any], feats: dict[str, bool], extrinsics: Any 
     Returns ``(params, stages_without_weights {stage: enabling command}, notes)``: stages
     the build lacks are dropped with a note; SAM/CLIP/LSeg without weights are dropped and
     listed once with the command that enables them (only when ``params`` asks for them);
-    ``image_transport`` / ``extrinsics.source: tf`` fall back to raw images / the same pose
-    as parameters (composed from the TF chain, ``extrinsics``) where the build lacks them.
+    ``extrinsics.source: tf`` falls back to the same pose as parameters (composed from the
+    TF chain, ``extrinsics``) where the build lacks it.
     """
     p = dict(params)
     notes: list[str] = []
@@ -101,10 +99,6 @@ def plan_params(params: dict[str, Any], feats: dict[str, bool], extrinsics: Any 
             stages.remove(stage)
             missing[stage] = ENABLE_HINTS[stage]
     p["stages"] = stages
-    if p.get("image_transport") == "compressed" and not feats["compressed"]:
-        p.pop("image_transport")
-        notes.append("compressed image input is not in this build: the bag carries raw "
-                     "sensor_msgs/Image instead")
     if p.get("extrinsics.source") == "tf" and not feats["tf"]:
         p.pop("extrinsics.source")
         if extrinsics is not None:
@@ -164,47 +158,36 @@ def build_demo_bag(seq: Any, out: Path, compressed: bool, limit: int | None = No
 
 
 def inspect_bag(bag: Path) -> dict[str, Any]:
-    """The camera topics of a bag: ``{"image_topic", "type", "ns", "image_name",
-    "camera_info", "frames", "tf_static"}``.
+    """The camera stream of a bag (rosbag2 or ROS 1; raw or compressed images):
+    ``{"image_topic", "type", "transport", "ns", "image_name", "camera_info", "frames",
+    "tf_static"}``.
 
     Raises:
-        DemoError: unreadable bag, no image topic, or no camera_info next to it.
+        DemoError: unreadable bag, no camera image topic, or no camera_info beside it.
     """
-    from perception2d_ros.core.bagio import bag_info
+    from perception2d_ros.core.bagio import bag_info, find_camera_topics
 
     if not Path(bag).exists():
         raise DemoError(f"{bag} does not exist")
     try:
         info = bag_info(bag)
     except Exception as exc:  # noqa: BLE001 - any reader failure is one line for the user
-        raise DemoError(f"cannot read {bag} as a rosbag2 bag (MCAP/sqlite3"
-                        f"{'' if str(bag).endswith('.bag') else ''}): {exc}") from None
+        raise DemoError(f"cannot read {bag} as a ROS 2 (MCAP/sqlite3) or ROS 1 bag: "
+                        f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+                        ) from None
     topics = info["topics"]
-    images = [(t, m["type"]) for t, m in topics.items()
-              if m["type"] in ("sensor_msgs/msg/Image", "sensor_msgs/msg/CompressedImage")]
-    if not images:
-        raise DemoError(f"{bag} has no sensor_msgs/Image or CompressedImage topic (topics: "
-                        f"{', '.join(sorted(topics)) or 'none'})")
-    # prefer image_raw, then anything with a camera_info beside it
-    def base(topic: str, kind: str) -> str:
-        return topic[: -len("/compressed")] if kind.endswith("CompressedImage") and \
-            topic.endswith("/compressed") else topic
-
-    def score(item: tuple[str, str]) -> tuple[int, int]:
-        b = base(*item)
-        has_info = f"{b.rsplit('/', 1)[0]}/camera_info" in topics
-        return (int(has_info), int(b.endswith("/image_raw")))
-
-    topic, kind = max(images, key=score)
-    b = base(topic, kind)
-    ns, name = b.rsplit("/", 1) if "/" in b.strip("/") else ("", b.strip("/"))
-    info_topic = f"{ns}/camera_info"
-    if info_topic not in topics:
-        raise DemoError(f"{bag}: no {info_topic} beside {topic}; the demo needs the camera's "
-                        "sensor_msgs/CameraInfo (record it with the images)")
-    return {"image_topic": topic, "type": kind, "ns": ns or "/", "image_name": name,
-            "camera_info": info_topic, "frames": topics[topic]["count"],
-            "tf_static": "/tf_static" in topics}
+    try:
+        cam = find_camera_topics(topics)
+    except ValueError as exc:
+        raise DemoError(f"{bag}: {exc}") from None
+    if cam.camera_info is None:
+        raise DemoError(f"{bag}: no sensor_msgs/CameraInfo {cam.namespace}/camera_info beside "
+                        f"{cam.image}; the demo needs the camera's calibration (record it with "
+                        "the images)")
+    return {"image_topic": cam.image, "type": topics[cam.image]["type"],
+            "transport": cam.transport, "ns": cam.namespace or "/",
+            "image_name": cam.base.rsplit("/", 1)[-1], "camera_info": cam.camera_info,
+            "frames": topics[cam.image]["count"], "tf_static": "/tf_static" in topics}
 
 
 # ------------------------------------------------------------------------------ running
@@ -273,7 +256,7 @@ def run_nodes(bag: Path, cam: dict[str, Any], params_file: Path, out_bag: Path,
     bringup = subprocess.Popen(
         [sys.executable, "-m", "perception2d_ros.cli.main", "bringup", "--params-file",
          str(params_file), "--namespace", ns, "--pipeline", "true" if pipeline else "false",
-         "--image-topic", cam["image_name"]],
+         "--image-topic", cam["image_name"], "--image-transport", cam["transport"]],
         start_new_session=True)
     stop = threading.Event()
     ready = threading.Event()
@@ -361,13 +344,7 @@ def run(bag: Path | None, out_dir: Path, params_file: Path | None, frames: int |
         bag = Path(bag)
         base = _flat_params(params_file or _default_params())
         extr = None
-        cam_probe = inspect_bag(bag)
-        if cam_probe["type"].endswith("CompressedImage"):
-            if not feats["compressed"]:
-                raise DemoError(f"{bag}: {cam_probe['image_topic']} carries CompressedImage, "
-                                "which this build's nodes cannot take yet; give a bag with "
-                                "raw sensor_msgs/Image")
-            base["image_transport"] = "compressed"
+        base["image_transport"] = inspect_bag(bag)["transport"]
         if feats["track"] and "track" not in (base.get("stages") or []) and \
                 "detect" in (base.get("stages") or ["rectify", "detect"]):
             stages = list(base.get("stages") or ["rectify", "detect"])
@@ -392,6 +369,8 @@ def run(bag: Path | None, out_dir: Path, params_file: Path | None, frames: int |
     summary, pics = summarize(bag, out_bag, out_dir, cam, params, missing, notes, seq, extr)
     summary["seconds"] = round(time.monotonic() - t0, 1)
     summary["features"] = feats
+    summary["play"] = ("lockstep (each frame once the previous one's detections were recorded)"
+                       if lockstep else f"recorded timing x{rate:g}")
     from perception2d_ros.core.demo_report import text_summary
 
     text = text_summary(summary)
@@ -402,7 +381,7 @@ def run(bag: Path | None, out_dir: Path, params_file: Path | None, frames: int |
     lost = summary["frames_in"] - summary["frames_out"]
     if lost and lost <= summary["dropped"]:
         log(f"{lost} frame(s) skipped by the nodes' newest-frame-wins queue (the machine was "
-            "busy); a lower --rate plays slower")
+            "busy); without --rate the demo plays in lockstep")
         return 0
     return 0 if lost == 0 else 1
 
@@ -437,28 +416,13 @@ def _flat_params(params_file: Path) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------ outputs
 def _decode_image(msg: Any, kind: str) -> np.ndarray:
-    import cv2
-
-    from perception2d_ros.core.bagio import image_to_numpy
+    """A bag's Image or CompressedImage as bgr8 (for drawing)."""
+    from perception2d_ros.core.image_codec import convert, decode_compressed, to_bgr8
 
     if kind.endswith("CompressedImage"):
-        img = cv2.imdecode(np.asarray(msg.data, np.uint8), cv2.IMREAD_COLOR)
-        if img is None:
-            raise ValueError("undecodable compressed image")
-        return img
-    arr = image_to_numpy(msg)
-    enc = str(msg.encoding)
-    if enc in ("rgb8",):
-        return cv2.cvtColor(arr, cv2.COLOR_RGB2BGR)
-    if enc in ("rgba8",):
-        return cv2.cvtColor(arr, cv2.COLOR_RGBA2BGR)
-    if enc in ("bgra8",):
-        return cv2.cvtColor(arr, cv2.COLOR_BGRA2BGR)
-    if arr.ndim == 2:
-        if arr.dtype != np.uint8:
-            arr = cv2.normalize(arr, None, 0, 255, cv2.NORM_MINMAX).astype(np.uint8)
-        return cv2.cvtColor(arr, cv2.COLOR_GRAY2BGR)
-    return arr
+        img, enc = decode_compressed(msg.format, msg.data)
+        return img if enc == "bgr8" else convert(img, enc, "bgr8")
+    return to_bgr8(msg)
 
 
 def _stamp(msg: Any) -> int:
@@ -729,17 +693,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=float, default=60.0)
     p.add_argument("--pipeline", default="true", choices=["true", "false"],
                    help="one process for all stages (true) or one node per stage (false)")
-    p.add_argument("--rate", type=float, default=1.0, help="playback speed factor")
-    p.add_argument("--lockstep", action="store_true",
-                   help="play each frame once the previous one's detections are recorded "
-                        "(no frame skipped on a busy machine; latency without queueing)")
+    p.add_argument("--rate", type=float, default=None,
+                   help="play with the recorded timing at this speed factor (1 = real time; "
+                        "the nodes keep only the newest frame, so a busy machine skips "
+                        "frames). Default: lockstep, each frame once the previous one's "
+                        "detections are recorded (every frame processed)")
 
 
 def run_args(a: argparse.Namespace) -> int:
     """Run with parsed options; a user error is one line and exit status 2."""
     try:
         return run(a.bag, a.out.resolve(), a.params_file, a.frames, a.timeout,
-                   a.pipeline == "true", a.rate, a.demo_config, a.lockstep)
+                   a.pipeline == "true", a.rate or 1.0, a.demo_config, a.rate is None)
     except DemoError as exc:
         print(f"demo: {exc}", file=sys.stderr)
         return 2

@@ -234,6 +234,8 @@ def text_summary(s: Mapping[str, Any]) -> str:
     out.append(f"frames in / out        : {s['frames_in']} / {s['frames_out']} (image_rect "
                f"{s['image_rect']}, ground {s.get('ground_frames', 0)}, newest-wins drops "
                f"{s['dropped']})")
+    if s.get("play"):
+        out.append(f"played                 : {s['play']}")
     out.append(f"detector               : {s.get('model', '?')} on {s['backend']}")
     out.append(f"stages                 : {', '.join(s['stages_run'])}")
     dets = ", ".join(f"{k} {v}" for k, v in s["detections_per_class"].items()) or "none"

@@ -92,28 +92,11 @@ def read_transform_dump(path: Path) -> StaticTransform:
 
 
 def read_camera_info_dump(path: Path) -> dict[str, Any]:
-    """The calibration file as a CameraInfo dict (lowercase fields), via the project's
-    calibration loader; where that loader does not yet read ``CameraInfo`` dumps, the dump's
-    fields are taken as they are (ROS 1 uppercase ``K``/``D``/``R``/``P`` or ROS 2 lowercase).
-    """
+    """The calibration file (any layout ``CameraModel.from_yaml`` reads: camera_calibration
+    YAML, ROS 1 or ROS 2 CameraInfo dump) as a CameraInfo dict (lowercase fields)."""
     from perception2d_ros.core.camera import CameraModel
 
-    try:
-        return dict(CameraModel.from_yaml(path).to_camera_info_dict())
-    except ValueError:
-        import yaml
-
-        doc = yaml.safe_load(Path(path).read_text()) or {}
-        info = {k.lower(): v for k, v in doc.items() if k in ("K", "D", "R", "P", "k", "d", "r", "p")}
-        for key in ("width", "height", "distortion_model", "binning_x", "binning_y", "roi"):
-            if key in doc:
-                info[key] = doc[key]
-        missing = [k for k in ("width", "height", "distortion_model", "d", "k", "r", "p")
-                   if k not in info]
-        if missing:
-            raise ValueError(f"{path}: not a calibration file (missing {missing})") from None
-        CameraModel.from_camera_info(info)  # validates
-        return info
+    return dict(CameraModel.from_yaml(path).to_camera_info_dict())
 
 
 def read_ground_truth(path: Path, stamps: Iterable[int]) -> dict[int, np.ndarray]:
