@@ -172,9 +172,9 @@ def inspect_bag(bag: Path) -> dict[str, Any]:
     try:
         info = bag_info(bag)
     except Exception as exc:  # noqa: BLE001 - any reader failure is one line for the user
-        raise DemoError(f"cannot read {bag} as a ROS 2 (MCAP/sqlite3) or ROS 1 bag: "
-                        f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
-                        ) from None
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        raise DemoError(f"cannot read bag {bag} (a ROS 2 MCAP/sqlite3 or ROS 1 bag): "
+                        f"{reason}") from None
     topics = info["topics"]
     try:
         cam = find_camera_topics(topics)
