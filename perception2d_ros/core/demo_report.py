@@ -246,7 +246,7 @@ def text_summary(s: Mapping[str, Any]) -> str:
             f"{k} {v['p50']:.1f}/{v['p95']:.1f}" for k, v in lat.items()))
     gt = s.get("gt_recall")
     if gt:
-        out.append(f"GT recall @IoU {gt['iou_threshold']:.1f}    : {gt['recall']:.0%} of "
+        out.append(f"GT recall @IoU {gt['iou_threshold']:.1f}     : {gt['recall']:.0%} of "
                    f"{gt['gt_boxes']} vehicle boxes ({gt['compared_in'].split(':')[0]})")
         for o in gt["per_object"]:
             out.append(f"  GT object {o['row']}          : {o['mean_size_px'][0]:.0f}x"
