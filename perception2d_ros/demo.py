@@ -359,6 +359,10 @@ def run(bag: Path | None, out_dir: Path, params_file: Path | None, frames: int |
     ground_on = bool(params.get("extrinsics.enabled")) and "detect" in params["stages"]
     if ground_on:
         rec_topics.append(f"{ns}/detections/ground")
+        from perception2d_ros.ros.publishing import TOPIC_TYPES
+
+        if "detections/objects" in TOPIC_TYPES:  # 3D objects where the build has them
+            rec_topics.append(f"{ns}/detections/objects")
     play_topics = [cam["image_topic"], cam["camera_info"]]
     if cam["tf_static"] and params.get("extrinsics.source") == "tf":
         play_topics.append("/tf_static")
@@ -460,6 +464,7 @@ def summarize(in_bag: Path, out_bag: Path, out_dir: Path, cam: dict[str, Any],
     dets: dict[int, Any] = {}
     ground: dict[int, Any] = {}
     diag: dict[str, dict[str, str]] = {}
+    objects_frames = 0
     with BagReader(out_bag, msg_dirs=find_interface_dirs()) as reader:
         for topic, _, msg in reader.decoded():
             if topic == f"{ns}/image_rect":
@@ -468,6 +473,8 @@ def summarize(in_bag: Path, out_bag: Path, out_dir: Path, cam: dict[str, Any],
                 dets[_stamp(msg)] = msg
             elif topic == f"{ns}/detections/ground":
                 ground[_stamp(msg)] = msg
+            elif topic == f"{ns}/detections/objects":
+                objects_frames += 1
             elif topic == "/diagnostics":
                 for st in msg.status:
                     if st.name.startswith("perception2d"):
@@ -589,7 +596,7 @@ def summarize(in_bag: Path, out_bag: Path, out_dir: Path, cam: dict[str, Any],
         "input_bag": str(in_bag), "input_kind": f"{cam['type']} on {cam['image_topic']}",
         "output_bag": str(out_bag), "output_dir": str(out_dir),
         "frames_in": len(raw_msgs), "frames_out": len(dets), "image_rect": len(rect),
-        "ground_frames": len(ground),
+        "ground_frames": len(ground), "objects_frames": objects_frames,
         "dropped": sum(int(d.get("dropped_newest_wins", 0)) for d in diag.values()),
         "detections_per_class": dict(per_class.most_common()),
         "detections_per_frame": [sum(f.values()) for f in per_frame],
