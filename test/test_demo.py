@@ -148,7 +148,7 @@ def test_make_demo_on_the_real_sequence(tmp_path):
     assert s["ground_frames"] == 21
     # detections on the GT vehicles: the minivan ahead (GT row 0) in nearly every frame
     minivan = s["gt_recall"]["per_object"][0]
-    assert minivan["frames"] == 21 and minivan["recall"] >= 0.8, s["gt_recall"]
+    assert minivan["frames"] == 21 and minivan["recall"] >= 0.7, s["gt_recall"]
     assert "rectified pixels" in s["gt_recall"]["compared_in"]
     # its ground distance: matched detections about 30 m ahead, near the lane centre
     dists = []
@@ -161,6 +161,10 @@ def test_make_demo_on_the_real_sequence(tmp_path):
     assert 24.0 < np.median(dists) < 34.0, dists
     assert np.mean([20.0 < d < 40.0 for d in dists]) >= 0.9, dists
     assert np.median(np.abs(np.diff(dists))) < 1.5, dists  # smooth frame to frame
+    if "track" in s["stages_run"]:  # the minivan keeps one track id through the clip
+        ids = [f["detections"][di]["id"] for f in s["frames"]
+               for gi, di, _ in s["gt_recall"]["matches"][str(f["stamp_ns"])] if gi == 0]
+        assert max(ids.count(i) for i in set(ids)) >= 0.9 * len(ids), ids
     assert s["latency_ms"]["rectify"]["p50"] > 0 and s["latency_ms"]["detect"]["p95"] > 0
     assert s["calibration"]["D"][0] == pytest.approx(-0.564641)
     assert s["extrinsics"]["camera_height_m"] == pytest.approx(1.5, abs=1e-3)
