@@ -208,3 +208,20 @@ def test_report_renders_in_a_browser(tmp_path):
     # the plot's blue latency bars and the frame's green are on the page
     assert np.any(np.all(np.abs(pic.astype(int) - (200, 140, 60)) < 12, axis=2))
     assert np.any(np.all(np.abs(pic.astype(int) - (40, 160, 40)) < 12, axis=2))
+
+
+def test_install_carries_the_demo_sequence(monkeypatch):
+    """setup.py's data_files put config/demo.yaml and every file of data/demo into the
+    package share, where the demo finds them from an install (colcon or pip)."""
+    import setuptools
+
+    captured = {}
+    monkeypatch.setattr(setuptools, "setup", lambda **kw: captured.update(kw))
+    monkeypatch.chdir(REPO)
+    exec(compile((REPO / "setup.py").read_text(), "setup.py", "exec"), {"__name__": "setup"})
+    installed = {f"{dest}/{Path(f).name}" for dest, files in captured["data_files"]
+                 for f in files}
+    wanted = {f"share/perception2d/{p.relative_to(REPO)}"
+              for p in (REPO / "data" / "demo").rglob("*") if p.is_file()}
+    wanted.add("share/perception2d/config/demo.yaml")
+    assert wanted <= installed, sorted(wanted - installed)
