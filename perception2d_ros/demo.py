@@ -51,13 +51,11 @@ def log(msg: str) -> None:
 
 # ------------------------------------------------------------------------------ features
 def features() -> dict[str, bool]:
-    """What this build of the nodes supports (the demo uses each where present): camera
-    pose from TF (``extrinsics.source``) and the ``track`` stage."""
-    from perception2d_ros.core.pipeline import STAGE_ORDER, merge_config
+    """What this build of the nodes supports (the demo uses it where present): the ``track``
+    stage."""
+    from perception2d_ros.core.pipeline import STAGE_ORDER
 
-    cfg = merge_config({})
-    return {"tf": "source" in cfg.get("extrinsics", {}),
-            "track": "track" in STAGE_ORDER}
+    return {"track": "track" in STAGE_ORDER}
 
 
 def _weights_present(stage: str, params: dict[str, Any]) -> bool:
@@ -77,15 +75,13 @@ def _weights_present(stage: str, params: dict[str, Any]) -> bool:
         return False
 
 
-def plan_params(params: dict[str, Any], feats: dict[str, bool], extrinsics: Any = None
+def plan_params(params: dict[str, Any], feats: dict[str, bool]
                 ) -> tuple[dict[str, Any], dict[str, str], list[str]]:
     """The node parameters the demo runs with, for this build.
 
     Returns ``(params, stages_without_weights {stage: enabling command}, notes)``: stages
     the build lacks are dropped with a note; SAM/CLIP/LSeg without weights are dropped and
-    listed once with the command that enables them (only when ``params`` asks for them);
-    ``extrinsics.source: tf`` falls back to the same pose as parameters (composed from the
-    TF chain, ``extrinsics``) where the build lacks it.
+    listed once with the command that enables them (only when ``params`` asks for them).
     """
     p = dict(params)
     notes: list[str] = []
@@ -99,16 +95,6 @@ def plan_params(params: dict[str, Any], feats: dict[str, bool], extrinsics: Any 
             stages.remove(stage)
             missing[stage] = ENABLE_HINTS[stage]
     p["stages"] = stages
-    if p.get("extrinsics.source") == "tf" and not feats["tf"]:
-        p.pop("extrinsics.source")
-        if extrinsics is not None:
-            from perception2d_ros.core.camera import BODY_TO_OPTICAL, _matrix_to_quaternion
-
-            body = extrinsics.rotation @ BODY_TO_OPTICAL.T
-            p["extrinsics.translation"] = [float(v) for v in extrinsics.translation]
-            p["extrinsics.rotation_quaternion"] = [float(v) for v in _matrix_to_quaternion(body)]
-        notes.append("extrinsics from TF are not in this build: the same camera pose "
-                     "(composed from the bag's /tf_static chain) is given as parameters")
     return p, missing, notes
 
 
@@ -335,7 +321,7 @@ def run(bag: Path | None, out_dir: Path, params_file: Path | None, frames: int |
         base = dict(seq.params)
         if params_file is not None:  # the user's params over the demo's
             base.update(_flat_params(params_file))
-        params, missing, notes = plan_params(base, feats, extr)
+        params, missing, notes = plan_params(base, feats)
         compressed = params.get("image_transport") == "compressed"
         log(f"building the input bag from {seq.root.name} ({len(seq.images[:frames])} frames, "
             f"{'JPEG CompressedImage' if compressed else 'raw Image'}, camera_info, /tf_static)")
@@ -656,14 +642,12 @@ def _calibration_json(camera: Any, seq: Any) -> dict[str, Any] | None:
 def _extrinsics_json(params: dict[str, Any], seq: Any, extr: Any) -> dict[str, Any] | None:
     if not params.get("extrinsics.enabled"):
         return None
-    if extr is None:
+    if extr is None or params.get("extrinsics.source") != "tf":
         return {"source": str(params.get("extrinsics.source", "params")),
                 "parent_frame": params.get("extrinsics.parent_frame", "base_link"),
                 "child_frame": "(image frame_id)",
                 "translation": list(params.get("extrinsics.translation", [0, 0, 0]))}
-    src = ("tf: /tf_static of the bag, looked up by the nodes"
-           if params.get("extrinsics.source") == "tf"
-           else "params: the same pose composed from the bag's /tf_static chain")
+    src = "tf: the bag's /tf_static, looked up by the nodes at each image stamp"
     return {"source": src, "parent_frame": extr.parent_frame, "child_frame": extr.child_frame,
             "translation": [round(float(v), 4) for v in extr.translation],
             "quaternion_xyzw": [round(float(v), 6) for v in extr.quaternion_xyzw],

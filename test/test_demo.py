@@ -168,6 +168,8 @@ def test_make_demo_on_the_real_sequence(tmp_path):
     assert s["latency_ms"]["rectify"]["p50"] > 0 and s["latency_ms"]["detect"]["p95"] > 0
     assert s["calibration"]["D"][0] == pytest.approx(-0.564641)
     assert s["extrinsics"]["camera_height_m"] == pytest.approx(1.5, abs=1e-3)
+    assert s["extrinsics"]["source"].startswith("tf")  # looked up by the nodes on /tf_static
+    assert s["objects_frames"] == 21  # detections/objects (Detection3DArray) for every frame
     pngs = sorted((out / "annotated").glob("*.png"))
     assert len(pngs) == 21
     import cv2
