@@ -49,15 +49,7 @@ def log(msg: str) -> None:
     print(f"[demo] {msg}", flush=True)
 
 
-# ------------------------------------------------------------------------------ features
-def features() -> dict[str, bool]:
-    """What this build of the nodes supports (the demo uses it where present): the ``track``
-    stage."""
-    from perception2d_ros.core.pipeline import STAGE_ORDER
-
-    return {"track": "track" in STAGE_ORDER}
-
-
+# ------------------------------------------------------------------------------ params
 def _weights_present(stage: str, params: dict[str, Any]) -> bool:
     from perception2d_ros.core import model_store
 
@@ -75,8 +67,7 @@ def _weights_present(stage: str, params: dict[str, Any]) -> bool:
         return False
 
 
-def plan_params(params: dict[str, Any], feats: dict[str, bool]
-                ) -> tuple[dict[str, Any], dict[str, str], list[str]]:
+def plan_params(params: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str], list[str]]:
     """The node parameters the demo runs with, for this build.
 
     Returns ``(params, stages_without_weights {stage: enabling command}, notes)``: stages
@@ -87,9 +78,6 @@ def plan_params(params: dict[str, Any], feats: dict[str, bool]
     notes: list[str] = []
     missing: dict[str, str] = {}
     stages = list(p.get("stages") or ["rectify", "detect"])
-    if "track" in stages and not feats["track"]:
-        stages.remove("track")
-        notes.append("tracking is not in this build: no track ids")
     for stage in ("sam", "clip", "lseg"):
         if stage in stages and not _weights_present(stage, p):
             stages.remove(stage)
@@ -313,7 +301,6 @@ def run(bag: Path | None, out_dir: Path, params_file: Path | None, frames: int |
 
     t0 = time.monotonic()
     out_dir.mkdir(parents=True, exist_ok=True)
-    feats = features()
     seq = None
     if bag is None:
         seq = load_sequence(demo_config)
@@ -321,7 +308,7 @@ def run(bag: Path | None, out_dir: Path, params_file: Path | None, frames: int |
         base = dict(seq.params)
         if params_file is not None:  # the user's params over the demo's
             base.update(_flat_params(params_file))
-        params, missing, notes = plan_params(base, feats)
+        params, missing, notes = plan_params(base)
         compressed = params.get("image_transport") == "compressed"
         log(f"building the input bag from {seq.root.name} ({len(seq.images[:frames])} frames, "
             f"{'JPEG CompressedImage' if compressed else 'raw Image'}, camera_info, /tf_static)")
@@ -331,12 +318,12 @@ def run(bag: Path | None, out_dir: Path, params_file: Path | None, frames: int |
         base = _flat_params(params_file or _default_params())
         extr = None
         base["image_transport"] = inspect_bag(bag)["transport"]
-        if feats["track"] and "track" not in (base.get("stages") or []) and \
-                "detect" in (base.get("stages") or ["rectify", "detect"]):
+        if params_file is None and "track" not in (base.get("stages") or []) and \
+                "detect" in (base.get("stages") or ["rectify", "detect"]):  # ids in the report
             stages = list(base.get("stages") or ["rectify", "detect"])
             stages.insert(stages.index("detect") + 1, "track")
             base["stages"] = stages
-        params, missing, notes = plan_params(base, feats)
+        params, missing, notes = plan_params(base)
     cam = inspect_bag(bag)
     params_path = _write_params(out_dir / "params.yaml", params)
     log(f"input: {bag} ({cam['frames']} frames on {cam['image_topic']}, {cam['type']})")
@@ -358,7 +345,6 @@ def run(bag: Path | None, out_dir: Path, params_file: Path | None, frames: int |
               lockstep=lockstep)
     summary, pics = summarize(bag, out_bag, out_dir, cam, params, missing, notes, seq, extr)
     summary["seconds"] = round(time.monotonic() - t0, 1)
-    summary["features"] = feats
     summary["play"] = ("lockstep (each frame once the previous one's detections were recorded)"
                        if lockstep else f"recorded timing x{rate:g}")
     from perception2d_ros.core.demo_report import text_summary

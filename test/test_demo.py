@@ -89,16 +89,16 @@ def test_gt_boxes_map_to_rectified_pixels(seq):
 
 
 def test_plan_params_lists_stages_without_weights_once(tmp_path):
-    from perception2d_ros.demo import features, plan_params
+    from perception2d_ros.demo import plan_params
 
     params = {"stages": ["rectify", "detect", "sam", "clip"], "models_dir": str(tmp_path),
               "extrinsics.enabled": True}
-    p, missing, _ = plan_params(params, features())
+    p, missing, _ = plan_params(params)
     assert set(missing) == {"sam", "clip"}
     assert "perception2d models fetch" in missing["sam"]
     assert "sam" not in p["stages"] and "clip" not in p["stages"]
     # not asked for -> not listed
-    _, missing, _ = plan_params({"stages": ["rectify", "detect"]}, features())
+    _, missing, _ = plan_params({"stages": ["rectify", "detect"]})
     assert missing == {}
 
 
@@ -161,10 +161,12 @@ def test_make_demo_on_the_real_sequence(tmp_path):
     assert 24.0 < np.median(dists) < 34.0, dists
     assert np.mean([20.0 < d < 40.0 for d in dists]) >= 0.9, dists
     assert np.median(np.abs(np.diff(dists))) < 1.5, dists  # smooth frame to frame
-    if "track" in s["stages_run"]:  # the minivan keeps one track id through the clip
-        ids = [f["detections"][di]["id"] for f in s["frames"]
-               for gi, di, _ in s["gt_recall"]["matches"][str(f["stamp_ns"])] if gi == 0]
-        assert max(ids.count(i) for i in set(ids)) >= 0.9 * len(ids), ids
+    # the minivan keeps one track id through the clip
+    assert s["stages_run"] == ["rectify", "detect", "track"]
+    ids = [f["detections"][di]["id"] for f in s["frames"]
+           for gi, di, _ in s["gt_recall"]["matches"][str(f["stamp_ns"])] if gi == 0]
+    assert max(ids.count(i) for i in set(ids)) >= 0.9 * len(ids), ids
+    assert s["tracks"] and s["tracks"][0]["distance_m"] is not None
     assert s["latency_ms"]["rectify"]["p50"] > 0 and s["latency_ms"]["detect"]["p95"] > 0
     assert s["calibration"]["D"][0] == pytest.approx(-0.564641)
     assert s["extrinsics"]["camera_height_m"] == pytest.approx(1.5, abs=1e-3)
