@@ -138,8 +138,9 @@ def test_bag_without_camera_info_is_one_line(tmp_path):
 @pytest.mark.ros
 def test_make_demo_on_the_real_sequence(tmp_path):
     """The demo as `make demo` runs it (lockstep play by default: a loaded 2-core CI machine
-    must not make the nodes' newest-frame-wins queue skip a frame): frames in = frames out, the GT minivan found, ground positions on every
-    frame at a plausible distance, and the report files."""
+    must not make the nodes' newest-frame-wins queue skip a frame): frames in = frames out,
+    the GT minivan found and tracked, ground positions from TF on every frame at a plausible
+    distance, and the report files."""
     res = _demo(["--out", str(tmp_path / "out")], tmp_path)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     out = tmp_path / "out"
