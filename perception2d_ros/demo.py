@@ -326,6 +326,9 @@ def run(bag: Path | None, out_dir: Path, params_file: Path | None, frames: int |
         params, missing, notes = plan_params(base)
     cam = inspect_bag(bag)
     params_path = _write_params(out_dir / "params.yaml", params)
+    from perception2d_ros.cli.bringup import preflight
+
+    preflight(str(params_path), pipeline)  # one line for a bad parameter or model file
     log(f"input: {bag} ({cam['frames']} frames on {cam['image_topic']}, {cam['type']})")
     ns = cam["ns"].rstrip("/")
     rec_topics = [f"{ns}/{t}" for t in OUT_TOPICS] + ["/diagnostics"]
@@ -670,6 +673,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=float, default=60.0)
     p.add_argument("--pipeline", default="true", choices=["true", "false"],
                    help="one process for all stages (true) or one node per stage (false)")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error")
     p.add_argument("--rate", type=float, default=None,
                    help="play with the recorded timing at this speed factor (1 = real time; "
                         "the nodes keep only the newest frame, so a busy machine skips "
@@ -678,16 +682,29 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_args(a: argparse.Namespace) -> int:
-    """Run with parsed options; a user error is one line and exit status 2."""
-    try:
-        return run(a.bag, a.out.resolve(), a.params_file, a.frames, a.timeout,
-                   a.pipeline == "true", a.rate or 1.0, a.demo_config, a.rate is None)
-    except DemoError as exc:
-        print(f"demo: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("demo: interrupted", file=sys.stderr)
-        return 130
+    """Run with parsed options: a user error (bad bag, params file, missing model file) is
+    one line and its exit code (the CLI's shared handling), never a traceback."""
+    from perception2d_ros.cli.errors import debug_enabled, run_main
+
+    def checked() -> int:
+        from perception2d_ros.cli.errors import check_input_bag
+
+        if a.bag is not None:
+            check_input_bag(a.bag)
+        if a.params_file is not None:  # the same one-line checks as bringup / process
+            from perception2d_ros.cli.bringup import preflight
+
+            preflight(str(a.params_file), a.pipeline == "true")
+        try:
+            return run(a.bag, a.out.resolve(), a.params_file, a.frames, a.timeout,
+                       a.pipeline == "true", a.rate or 1.0, a.demo_config, a.rate is None)
+        except DemoError as exc:
+            from perception2d_ros.cli.errors import UserError
+
+            raise UserError(str(exc), 2) from None
+
+    return run_main(checked, prog="make demo",
+                    debug=getattr(a, "debug", False) or debug_enabled())
 
 
 def main(argv: list[str] | None = None) -> int:
