@@ -17,6 +17,13 @@ setup(
         (f"share/{PACKAGE}/models", glob("models/manifest.yaml") + ["models/yolox_nano.onnx"]
          + glob("models/*.jpg") + glob("models/*.md")
          + glob("models/*.txt") + glob("models/*.gz")),
+        # the `make demo` / `perception2d demo` sequence (config/demo.yaml names it)
+        (f"share/{PACKAGE}/data/demo", glob("data/demo/*.md")),
+        (f"share/{PACKAGE}/data/demo/apollo_obstacle", glob("data/demo/apollo_obstacle/*.*")),
+        (f"share/{PACKAGE}/data/demo/apollo_obstacle/images",
+         glob("data/demo/apollo_obstacle/images/*.jpg")),
+        (f"share/{PACKAGE}/data/demo/apollo_obstacle/params",
+         glob("data/demo/apollo_obstacle/params/*.yaml")),
     ],
     install_requires=["setuptools"],
     zip_safe=True,

@@ -623,7 +623,7 @@ def test_demo_on_a_ros1_compressed_bag_in_separate_nodes(ros1_bag: Path, tmp_pat
     out = tmp_path / "demo"
     res = subprocess.run([sys.executable, "-m", "perception2d_ros.demo", "--bag", str(ros1_bag),
                           "--out", str(out), "--params-file", str(params), "--pipeline",
-                          "false", "--rate", "0.5", "--timeout", "120"],
+                          "false", "--timeout", "120"],
                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "3 frames on /apollo/camera/image_raw/compressed" in res.stdout

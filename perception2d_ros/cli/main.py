@@ -24,6 +24,7 @@ COMMANDS = [
     "bench",      # benchmarks
     "process",    # offline pipeline over a bag
     "bringup",    # pip-only bringup entry point (same node list as the launch file)
+    "demo",       # the main job on the embedded real sequence, with a report
 ]
 
 
