@@ -47,7 +47,7 @@ $(STAMPS)/msgs: $(STAMPS)/deps $(wildcard interfaces/*/msg/*.msg interfaces/*/CM
 
 $(STAMPS)/package: $(STAMPS)/msgs setup.py
 	@echo "==> [4/4] installing perception2d (editable)"
-	@set -o pipefail; $(PIP) install --progress-bar off --no-deps --no-build-isolation -e . 2>&1 | $(PIP_FILTER)
+	@set -o pipefail; $(PIP) install --progress-bar off --no-deps --no-build-isolation --use-pep517 -e . 2>&1 | $(PIP_FILTER)
 	@touch $@
 
 msgs: $(STAMPS)/msgs

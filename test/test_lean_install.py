@@ -118,3 +118,15 @@ def test_runtime_requirements_have_no_torch():
                         "segment-anything", "mobilesam-mirror", "pytest"}
     assert "torch==" in (req / "torch.txt").read_text()
     assert "-r torch.txt" in (req / "test.txt").read_text()
+
+
+def test_make_setup_puts_the_commands_on_the_venv_path():
+    """`make setup` installs the package editable into .venv: the CLI and every node must be in
+    .venv/bin (the setup.cfg that puts them in lib/perception2d for colcon applies to
+    `setup.py develop`; the Makefile uses the PEP 660 editable install, which ignores it)."""
+    venv = REPO / ".venv"
+    if not venv.exists() or Path(sys.prefix).resolve() != venv.resolve():
+        pytest.skip("checks the project's own .venv; this run uses another interpreter")
+    for name in ("perception2d", "pipeline_node", "rectify_node", "detector_node",
+                 "track_node", "sam_node", "clip_node", "lseg_node"):
+        assert (Path(sys.prefix) / "bin" / name).is_file(), f".venv/bin/{name} is missing"
