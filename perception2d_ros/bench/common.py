@@ -106,12 +106,42 @@ def gpu_name() -> str | None:
     return None
 
 
+def _commit() -> str:
+    """The git commit of the checkout this package runs from ('unknown' for an install)."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"],
+                             cwd=Path(__file__).resolve().parent, capture_output=True,
+                             text=True, timeout=5)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=Path(__file__).resolve().parent, capture_output=True,
+                               text=True, timeout=5).stdout.strip()
+        return out.stdout.strip() + ("+dirty" if dirty else "") if out.returncode == 0 \
+            else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for dist in ("numpy", "opencv-python-headless", "onnxruntime", "ros-rclpy"):
+        try:
+            out[dist] = version(dist)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
 def machine_info() -> dict[str, Any]:
-    """Where the numbers were measured: CPU, cores, load (other processes share them!)."""
+    """Where the numbers were measured: CPU, cores, load (other processes share them!),
+    the code's commit and the main libraries' versions."""
     return {"host_arch": platform.machine(), "cpu": _cpu_model(), "cores": os.cpu_count(),
             "load_avg_1_5_15": load_average(), "python": platform.python_version(),
             "gpu": gpu_name() or "none", "date": datetime.now(timezone.utc).isoformat(
-                timespec="seconds")}
+                timespec="seconds"), "commit": _commit(), "versions": _versions()}
 
 
 # --------------------------------------------------------------------------- process stats
