@@ -226,11 +226,34 @@ def test_ros2_launch_runs_every_frame_and_stops_on_ctrl_c(ws, input_bag, tmp_pat
     """ros2 launch → every lifecycle node active → param describe → bag play → one
     Detection2DArray and one image_rect per played frame, with the input stamps and
     frame_id → Ctrl-C → exit 0."""
+    _launch_play_and_check(ws, tmp_path, pipeline, input_bag, [f"{NS}/image_raw"],
+                           FRAMES, FRAME_ID)
+
+
+def test_ros2_launch_with_compressed_images_from_a_ros1_bag(ws, tmp_path):
+    """What a robot records: a ROS 1 bag of the real Apollo front camera's JPEG
+    CompressedImage + CameraInfo, played by the installed CLI into `ros2 launch` with
+    `image_transport: compressed` in the params file (separate nodes: rectify_node decodes):
+    one Detection2DArray and one image_rect per frame, with the input stamps and frame_id."""
+    from test_robot_inputs import FRAME_ID as APOLLO_FRAME_ID
+    from test_robot_inputs import FRAMES as APOLLO_FRAMES
+    from test_robot_inputs import write_ros1_bag
+
+    bag = tmp_path / "apollo_front.bag"
+    write_ros1_bag(bag, APOLLO_FRAMES, ns=NS)
+    _launch_play_and_check(ws, tmp_path, "false", bag, [f"{NS}/image_raw/compressed"],
+                           len(APOLLO_FRAMES), APOLLO_FRAME_ID, transport="compressed")
+
+
+def _launch_play_and_check(ws: dict, tmp_path: Path, pipeline: str, input_bag: Path,
+                           image_topics: list[str], frames: int, frame_id: str,
+                           transport: str = "raw") -> None:
     from perception2d_ros.bringup import node_list
 
     # reliable images end to end, so that every frame must come out also on a loaded machine
     params = yaml.safe_load(DEFAULT_YAML.read_text())
     params["/**"]["ros__parameters"]["image_reliability"] = "reliable"
+    params["/**"]["ros__parameters"]["image_transport"] = transport
     pfile = tmp_path / "params_reliable.yaml"
     pfile.write_text(yaml.safe_dump(params))
     nodes = [s.name for s in node_list(pipeline=pipeline == "true", params_file=pfile)]
@@ -252,13 +275,13 @@ def test_ros2_launch_runs_every_frame_and_stops_on_ctrl_c(ws, input_bag, tmp_pat
         outputs = [f"{NS}/detections", f"{NS}/image_rect"]
         recorder = subprocess.Popen(
             ["ros2", "run", "perception2d", "perception2d", "bag", "record", "-o", str(out_bag),
-             *outputs, "--messages", str(2 * FRAMES), "--topic-timeout", "60"],
+             *outputs, "--messages", str(2 * frames), "--topic-timeout", "60"],
             cwd=ws["root"], env=ws["env"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
             text=True, start_new_session=True)
         _wait_subscribed(ws, outputs, "perception2d_bag_record", recorder)
         res = _run(ws, "ros2", "run", "perception2d", "perception2d", "bag", "play",
                    str(input_bag), "--reliable", "--rate", "0.5", "--wait-subscribers", "1",
-                   "--wait-timeout", "30", "--topics", f"{NS}/image_raw", f"{NS}/camera_info",
+                   "--wait-timeout", "30", "--topics", *image_topics, f"{NS}/camera_info",
                    timeout=120)
         assert res.returncode == 0, res.stdout + res.stderr
         try:
@@ -268,8 +291,8 @@ def test_ros2_launch_runs_every_frame_and_stops_on_ctrl_c(ws, input_bag, tmp_pat
             rec_out, _ = recorder.communicate(timeout=30)
         assert recorder.returncode == 0, rec_out
 
-        played = _stamps_and_frames(input_bag)[f"{NS}/image_raw"]
-        assert len(played) == FRAMES and {f for _, f in played} == {FRAME_ID}
+        played = _stamps_and_frames(input_bag)[image_topics[0]]
+        assert len(played) == frames and {f for _, f in played} == {frame_id}
         got = _stamps_and_frames(out_bag)
         for topic in outputs:
             assert got.get(topic) == played, (topic, got.get(topic), played, rec_out)
