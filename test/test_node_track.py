@@ -158,15 +158,25 @@ def test_process_cli_tracks_the_clip(tmp_path):
 
 @pytest.mark.ros
 def test_process_cli_rejects_bad_track_parameter(tmp_path):
-    """A bad track.* value is one clear line naming the parameter, no traceback."""
+    """A bad track.* value is one clear line naming the parameter, no traceback (on a real
+    bag: `process` checks the bag first)."""
     pytest.importorskip("rclpy")
+    from perception2d_ros.core.bagio import BagWriter, image_msg
+
+    bag = tmp_path / "in.mcap"
+    with BagWriter(bag) as w:
+        w.add_topic("/camera/image_rect", "sensor_msgs/msg/Image")
+        w.write("/camera/image_rect", T0, image_msg(w.typestore, _clip_frames()[0], T0,
+                                                    "camera_optical"))
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    r = subprocess.run([sys.executable, "-m", "perception2d_ros", "process", "missing.mcap",
+    r = subprocess.run([sys.executable, "-m", "perception2d_ros", "process", str(bag),
                         "-o", str(tmp_path / "o.mcap"), "--params-file",
                         str(_params(tmp_path, ["detect", "track"], **{"track.min_hits": 0}))],
                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
-    assert r.returncode != 0
-    assert "track.min_hits" in r.stderr
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "track.min_hits" in lines[0], r.stderr
+    assert "Traceback" not in r.stderr
 
 
 @pytest.mark.ros

@@ -55,6 +55,7 @@ def test_tracked_clip_labels_pipeline_and_separate_nodes_agree(harness, b32, tmp
     params = {"/**": {"ros__parameters": {
         "stages": ["detect", "track", "clip"], "input": "rect", "clip.frame_labels": False,
         "clip.model": str(b32["exported"]["meta"]), "clip.templates": ["{}"],
+        "clip.allow_outside_models_dir": True,  # the test's export lives in a temp folder
         "vocabulary": VOCAB, "clip.top_k": len(VOCAB), "track.min_hits": 1, "detect.conf_threshold": 0.1}}}
     pfile = tmp_path / "p.yaml"
     pfile.write_text(yaml.safe_dump(params))
