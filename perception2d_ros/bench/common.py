@@ -114,7 +114,9 @@ def _commit() -> str:
         out = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"],
                              cwd=Path(__file__).resolve().parent, capture_output=True,
                              text=True, timeout=5)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+        # results files written by the benchmarks themselves do not make the code dirty
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--",
+                                ":(top,exclude)docs/results"],
                                cwd=Path(__file__).resolve().parent, capture_output=True,
                                text=True, timeout=5).stdout.strip()
         return out.stdout.strip() + ("+dirty" if dirty else "") if out.returncode == 0 \
