@@ -86,12 +86,9 @@ class _StubEngine:
 
 
 def _ms(fn, repeat: int) -> float:  # noqa: ANN001
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    from perception2d_ros.bench.common import time_calls
+
+    return statistics.median(time_calls(fn, repeat, warmup=0)) * 1e3
 
 
 def main() -> int:
