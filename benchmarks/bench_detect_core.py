@@ -27,9 +27,9 @@ def _median_ms(fn, repeat: int) -> float:  # noqa: ANN001
 def main() -> None:
     import cv2
 
-    from perception2d_ros.core.engines import EngineConfig
-    from perception2d_ros.core.preprocess import Letterbox
-    from perception2d_ros.core.yolo import YoloDetector
+    from perception2d_ros.engines.engines import EngineConfig
+    from perception2d_ros.models.yolo.preprocess import Letterbox
+    from perception2d_ros.models.yolo.detector import YoloDetector
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="yolox_nano")

@@ -13,7 +13,7 @@ resampling (issue 20), measured interleaved in one run, plus what the multi-scal
   windows, stitching, argmax) with the network replaced by a stub returning fixed embeddings,
   and the number of network passes per frame (the real cost: passes x one inference).
 
-The "before" implementation is ``perception2d_ros/core/lseg.py`` at ``--before`` (read with
+The "before" implementation is ``perception2d_ros/models/lseg/labeler.py`` at ``--before`` (read with
 ``git show``). Inputs: a real ADE20K photo (test/data) resized to each size; embeddings derived
 from the photo (pixels softly assigned to N colour/position clusters, each cluster a random
 unit vector), so label regions follow the image as with real weights.
@@ -40,7 +40,7 @@ PHOTO = ROOT / "test" / "data" / "segmentation" / "ADE_train_00016869.jpg"
 
 
 def _load_before(commit: str):  # noqa: ANN202
-    src = subprocess.run(["git", "show", f"{commit}:perception2d_ros/core/lseg.py"], cwd=ROOT,
+    src = subprocess.run(["git", "show", f"{commit}:perception2d_ros/models/lseg/labeler.py"], cwd=ROOT,
                          check=True, capture_output=True, text=True).stdout
     d = Path(tempfile.mkdtemp()) / "a" / "b"
     d.mkdir(parents=True)
@@ -94,7 +94,7 @@ def _ms(fn, repeat: int) -> float:  # noqa: ANN001
 def main() -> int:
     import cv2
 
-    from perception2d_ros.core import lseg as after
+    from perception2d_ros.models.lseg import labeler as after
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--before", default="06f6682", help="commit of the 'before' lseg.py")

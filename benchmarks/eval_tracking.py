@@ -38,10 +38,10 @@ sys.path.insert(0, str(ROOT))
 
 
 def cost_50_boxes(frames: int = 300, n: int = 50, seed: int = 0) -> dict[str, Any]:
-    from perception2d_ros.core.detections import Detections
-    from perception2d_ros.core.pipeline import Frame
-    from perception2d_ros.core.track_stage import TrackStage
-    from perception2d_ros.core.tracking import ByteTracker
+    from perception2d_ros.models.detections import Detections
+    from perception2d_ros.pipeline.build import Frame
+    from perception2d_ros.models.tracking.stage import TrackStage
+    from perception2d_ros.models.tracking.bytetrack import ByteTracker
 
     rng = np.random.default_rng(seed)
     xy = rng.uniform(0, 1800, (n, 2))
@@ -81,8 +81,8 @@ def run_clip(images: list[Path], detector: Any) -> tuple[list[dict[str, Any]], l
     """Detect + track every image; per frame the tracked boxes with ids."""
     import cv2
 
-    from perception2d_ros.core.pipeline import Frame
-    from perception2d_ros.core.track_stage import TrackStage
+    from perception2d_ros.pipeline.build import Frame
+    from perception2d_ros.models.tracking.stage import TrackStage
 
     stage = TrackStage()
     out, cost = [], []
@@ -131,7 +131,7 @@ def mot_metrics(frames: list[dict[str, Any]], gt: dict[str, list]) -> dict[str, 
         hb = np.array([t["xyxy"] for t in f["tracked"]]).reshape(-1, 4)
         # motmetrics' own iou_matrix calls np.asfarray (gone in NumPy 2): same distance here,
         # 1 - IoU, NaN (no match possible) where IoU < 0.5
-        from perception2d_ros.core.tracking import iou_matrix
+        from perception2d_ros.models.tracking.bytetrack import iou_matrix
 
         dist = 1.0 - iou_matrix(gb, hb)
         dist[dist > 0.5] = np.nan
@@ -162,9 +162,9 @@ def main() -> None:
     args = ap.parse_args()
 
     from perception2d_ros.bench.common import machine_info
-    from perception2d_ros.core.engines import EngineConfig
-    from perception2d_ros.core.tracking import DEFAULTS
-    from perception2d_ros.core.yolo import YoloDetector
+    from perception2d_ros.engines.engines import EngineConfig
+    from perception2d_ros.models.tracking.bytetrack import DEFAULTS
+    from perception2d_ros.models.yolo.detector import YoloDetector
 
     print("cost: 50 boxes x 300 frames ...", file=sys.stderr)
     cost = cost_50_boxes()
@@ -174,7 +174,7 @@ def main() -> None:
     apollo, apollo_cost = run_clip(sorted((DATA / "apollo_obstacle_960").glob("*.jpg")),
                                    detector)
     gt = apollo_gt()
-    from perception2d_ros.core.tracking import iou_matrix
+    from perception2d_ros.models.tracking.bytetrack import iou_matrix
 
     def minivan(i: int, t: dict[str, Any]) -> bool:
         g = dict(gt[Path(apollo[i]["image"]).stem])[0]
@@ -194,7 +194,7 @@ def main() -> None:
     all_ids = lambda frames: sorted({t["id"] for f in frames for t in f["tracked"]},  # noqa
                                     key=int)
     result = {
-        "what": "ByteTrack-style tracker (perception2d_ros.core.tracking): cost per frame "
+        "what": "ByteTrack-style tracker (perception2d_ros.models.tracking.bytetrack): cost per frame "
                 "and accuracy on real clips",
         "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
                                  capture_output=True, text=True).stdout.strip(),
@@ -234,7 +234,7 @@ def main() -> None:
 def detector_recall(frames: list[dict[str, Any]], gt: dict[str, list]) -> dict[str, float]:
     """Share of frames in which the detector (any score >= 0.1) has a box at IoU >= 0.5
     with each GT object: the ceiling for the tracker's recall."""
-    from perception2d_ros.core.tracking import iou_matrix
+    from perception2d_ros.models.tracking.bytetrack import iou_matrix
 
     hit: dict[int, int] = {}
     for f in frames:

@@ -7,7 +7,7 @@
 Sections (each in its own try/except: a failure is recorded in the JSON, never fatal):
 
 a) ``yolox_nano``: the real ``models/yolox_nano.onnx`` (its weights and graph) run by torch
-   through ``perception2d_ros.core.onnx_torch`` (a small ONNX→torch interpreter; onnx2torch
+   through ``perception2d_ros.engines.onnx_torch`` (a small ONNX→torch interpreter; onnx2torch
    and the YOLOX sources are not needed) inside our ``engines.TorchEngine``: fp32 eager,
    fp16 eager, fp16 + CUDA graph, batch 1, 416×416. ``engine.infer`` = numpy in → numpy out
    (H2D + model + D2H); ``device_forward`` = the model on a device tensor only. Parity
@@ -182,7 +182,7 @@ class Bench:
         return [np.ascontiguousarray(cv2.resize(cv2.imread(str(f)), SIZE)) for f in files]
 
     def camera(self) -> Any:
-        from perception2d_ros.core.camera import CameraModel
+        from perception2d_ros.geometry.camera import CameraModel
 
         try:
             return CameraModel.from_yaml(CALIB)
@@ -191,8 +191,8 @@ class Bench:
                                distortion_model="plumb_bob", r=CAMERAV1["r"], p=CAMERAV1["p"])
 
     def ort_detector(self, conf: float = 0.3) -> Any:
-        from perception2d_ros.core.engines import OrtEngine
-        from perception2d_ros.core.yolo import YoloDetector
+        from perception2d_ros.engines.engines import OrtEngine
+        from perception2d_ros.models.yolo.detector import YoloDetector
 
         engine = OrtEngine(MODEL, device="cpu")
         return YoloDetector(engine, format="yolox", input_size=(416, 416), conf=conf)
@@ -200,8 +200,8 @@ class Bench:
     # ------------------------------------------------------------------ (a) models
     def models_yolox(self) -> None:
         torch = self.need_torch()
-        from perception2d_ros.core.onnx_torch import load_onnx_module
-        from perception2d_ros.core.engines import TensorSpec, TorchEngine
+        from perception2d_ros.engines.onnx_torch import load_onnx_module
+        from perception2d_ros.engines.engines import TensorSpec, TorchEngine
 
         det = self.ort_detector()
         frame = self.frames(1)[0]
@@ -256,7 +256,7 @@ class Bench:
 
     def models_clip(self) -> None:
         torch = self.need_torch()
-        from perception2d_ros.core.engines import TensorSpec, TorchEngine
+        from perception2d_ros.engines.engines import TensorSpec, TorchEngine
 
         if importlib.util.find_spec("open_clip") is not None:
             import open_clip
@@ -307,7 +307,7 @@ class Bench:
     def models_sam(self) -> None:
         """SAM ViT-B image encoder (segment_anything, random init) at 1024, batch 1."""
         torch = self.need_torch()
-        from perception2d_ros.core.engines import TensorSpec, TorchEngine
+        from perception2d_ros.engines.engines import TensorSpec, TorchEngine
 
         if importlib.util.find_spec("segment_anything") is None:
             self.skipped["sam_vit_b_encoder"] = "segment_anything not importable"
@@ -344,7 +344,7 @@ class Bench:
         torch = self.need_torch()
         import torch.nn.functional as F
 
-        from perception2d_ros.core.preprocess import Letterbox
+        from perception2d_ros.models.yolo.preprocess import Letterbox
 
         frame = self.frames(1)[0]
         lb = Letterbox(416, align="topleft", color="bgr", scale=1.0, pad_value=114)
@@ -438,7 +438,7 @@ class Bench:
     # ------------------------------------------------------------------ (d) NMS
     def nms(self) -> None:
         torch = self.need_torch()
-        from perception2d_ros.core.nms import nms as np_nms
+        from perception2d_ros.models.yolo.nms import nms as np_nms
 
         frames = self.frames(8)
         for conf in (0.001, 0.3):

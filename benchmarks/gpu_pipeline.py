@@ -113,8 +113,8 @@ class Run:
         return e
 
     def export(self) -> dict[str, Any]:
-        from perception2d_ros.core import sam_export
-        from perception2d_ros.core.clip import model as clip_model
+        from perception2d_ros.models.sam import export as sam_export
+        from perception2d_ros.models.clip import model as clip_model
 
         root = Path(tempfile.mkdtemp(prefix="p2d_exports_"))
         res = {}
@@ -132,7 +132,7 @@ class Run:
     def frames(self) -> tuple[list[np.ndarray], Any]:
         import cv2
 
-        from perception2d_ros.core.camera import CameraModel
+        from perception2d_ros.geometry.camera import CameraModel
 
         files = sorted(IMAGES.glob("*.jpg"))[:8]
         imgs = [np.ascontiguousarray(cv2.resize(cv2.imread(str(f)), SIZE)) for f in files]
@@ -164,7 +164,7 @@ class Run:
 
     def pipeline(self, chain: str, backend: str = "torch", device_frames: str = "auto",
                  frames: int | None = None) -> dict[str, Any]:
-        from perception2d_ros.core.pipeline import Frame, build_pipeline, merge_config
+        from perception2d_ros.pipeline.build import Frame, build_pipeline, merge_config
 
         torch = self.torch
         imgs, cam = self.frames()
@@ -198,7 +198,7 @@ class Run:
                 return r
             setattr(obj, attr, wrapper)
 
-        import perception2d_ros.core.sam_stage as sam_stage_mod
+        import perception2d_ros.models.sam.stage as sam_stage_mod
 
         for st in pipe.stages:
             if st.name == "sam":
@@ -267,7 +267,7 @@ class Run:
     # ------------------------------------------------------------------ floors
     def floors(self) -> dict[str, Any]:
         """Raw engine calls on device tensors (fp16, CUDA graph): the stage floors."""
-        from perception2d_ros.core.engines import EngineConfig, create_engine
+        from perception2d_ros.engines.engines import EngineConfig, create_engine
 
         torch = self.torch
         cfg = EngineConfig(backend="torch", device=self.device,
@@ -315,10 +315,10 @@ class Run:
     def parity(self) -> dict[str, Any]:
         """The fp16 CUDA path vs the fp32 host reference path on real frames: detections,
         SAM masks (MobileSAM), CLIP embeddings."""
-        from perception2d_ros.core.clip.labeler import ClipLabeler
-        from perception2d_ros.core.engines import EngineConfig
-        from perception2d_ros.core.sam import SamSegmenter, mask_iou
-        from perception2d_ros.core.yolo import YoloDetector
+        from perception2d_ros.models.clip.labeler import ClipLabeler
+        from perception2d_ros.engines.engines import EngineConfig
+        from perception2d_ros.models.sam.runtime import SamSegmenter, mask_iou
+        from perception2d_ros.models.yolo.detector import YoloDetector
 
         torch = self.torch
         cuda = EngineConfig(backend="torch", device=self.device,

@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     tmp = None
     if model is None:
         sys.path.insert(0, str(ROOT))
-        from perception2d_ros.core import sam_export
+        from perception2d_ros.models.sam import export as sam_export
 
         tmp = tempfile.TemporaryDirectory()
         print("exporting SAM ViT-B (random weights, seed 0) ...", file=sys.stderr, flush=True)

@@ -2,7 +2,7 @@
 [params_file:=...] [image_topic:=image_raw] [camera_info_topic:=camera_info]
 [use_sim_time:=false] [log_level:=info]
 
-The node list comes from perception2d_ros.bringup.node_list — the same function the
+The node list comes from perception2d_ros.ros.bringup.node_list — the same function the
 pip-only `perception2d bringup` uses."""
 from pathlib import Path
 
@@ -12,7 +12,7 @@ from launch.actions import DeclareLaunchArgument, OpaqueFunction
 from launch.substitutions import LaunchConfiguration
 from launch_ros.actions import Node
 
-from perception2d_ros.bringup import default_params_file, node_list
+from perception2d_ros.ros.bringup import default_params_file, node_list
 
 EXECUTABLES = {k: k for k in ("rectify_node", "detector_node", "track_node", "sam_node",
                                 "clip_node", "lseg_node", "pipeline_node")}

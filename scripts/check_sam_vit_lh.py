@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT / "test"))
 from pycocotools.coco import COCO  # noqa: E402
 
 import test_sam_parity as T  # noqa: E402  (the CI parity test's data and prompts)
-from perception2d_ros.core import sam_export  # noqa: E402
+from perception2d_ros.models.sam import export as sam_export  # noqa: E402
 
 
 def main(archs: list[str]) -> int:

@@ -55,7 +55,7 @@ def sam_random_export(tmp_path_factory):
     .pth and exported through our path once per session: (checkpoint, export dict, out dir).
     Shared by the SAM parity tests and the SAM pipeline-stage test."""
     pytest.importorskip("segment_anything", reason="SAM export needs segment-anything (test extra)")
-    from perception2d_ros.core import sam_export
+    from perception2d_ros.models.sam import export as sam_export
 
     import os
 

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from perception2d_ros.cli.main import main
-from perception2d_ros.core.bagio import (
+from perception2d_ros.io.bagio import (
     BagReader,
     BagWriter,
     bag_info,
@@ -28,7 +28,7 @@ from perception2d_ros.core.bagio import (
     register_msg_dir,
     stamp_to_ns,
 )
-from perception2d_ros.core.camera import CameraModel
+from perception2d_ros.geometry.camera import CameraModel
 
 DATA = Path(__file__).resolve().parent / "data"
 CHESS = DATA / "chessboard"

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from perception2d_ros.core.bagio import BagReader, BagWriter, find_installed_interface_dir
+from perception2d_ros.io.bagio import BagReader, BagWriter, find_installed_interface_dir
 
 
 def _install(prefix: Path, package: str, msgs: dict[str, str]) -> Path:

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import yaml
 
-from perception2d_ros.bringup import enabled_stages, node_list, pipeline_config
+from perception2d_ros.ros.bringup import enabled_stages, node_list, pipeline_config
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_YAML = REPO / "config" / "perception2d.yaml"
@@ -97,7 +97,7 @@ def test_launch_file_is_valid_python_using_node_list():
     """Where launch_ros is absent, at least the file compiles and imports node_list."""
     src = (REPO / "launch" / "bringup.launch.py").read_text()
     compile(src, "bringup.launch.py", "exec")
-    assert "from perception2d_ros.bringup import default_params_file, node_list" in src
+    assert "from perception2d_ros.ros.bringup import default_params_file, node_list" in src
 
 
 def _run_demo(out: Path, pipeline: bool, bag: Path | None = None) -> dict:
@@ -115,7 +115,7 @@ def _run_demo(out: Path, pipeline: bool, bag: Path | None = None) -> dict:
     # the demo's default lockstep play: every frame must come out, also on a loaded 2-core CI
     # machine (timed play lets the nodes' newest-frame-wins queue skip frames there)
     extra = ["--params-file", str(params)] + (["--bag", str(bag)] if bag else [])
-    res = subprocess.run([sys.executable, "-m", "perception2d_ros.demo", "--out", str(out),
+    res = subprocess.run([sys.executable, "-m", "perception2d_ros.demo.run", "--out", str(out),
                           "--frames", "8", "--pipeline", "true" if pipeline else "false"]
                          + extra,
                          cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
@@ -124,7 +124,7 @@ def _run_demo(out: Path, pipeline: bool, bag: Path | None = None) -> dict:
 
 
 def _outputs(bag: Path) -> dict[str, dict[int, bytes]]:
-    from perception2d_ros.core.bagio import BagReader, find_interface_dirs
+    from perception2d_ros.io.bagio import BagReader, find_interface_dirs
 
     out: dict[str, dict[int, bytes]] = {}
     with BagReader(bag, msg_dirs=find_interface_dirs()) as reader:
@@ -155,7 +155,7 @@ def test_end_to_end_pipeline_and_separate_nodes_agree(tmp_path):
     for topic in out_a:
         assert out_a[topic] == out_b[topic], topic
     # input stamps are preserved on every output
-    from perception2d_ros.core.bagio import BagReader
+    from perception2d_ros.io.bagio import BagReader
 
     with BagReader(tmp_path / "pipeline" / "input.mcap") as reader:
         stamps = {m.timestamp_ns for m in reader.messages(topics=["/camera/image_raw"])}

@@ -1,4 +1,4 @@
-"""Tests for perception2d_ros.core.camera on real calibration data.
+"""Tests for perception2d_ros.geometry.camera on real calibration data.
 
 Data: OpenCV's left01..14.jpg chessboard sample (9x6 inner corners) with its intrinsics
 (left_intrinsics.yml, OpenCV FileStorage) and camera_calibration YAMLs in
@@ -18,7 +18,7 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from perception2d_ros.core.camera import (
+from perception2d_ros.geometry.camera import (
     BODY_TO_OPTICAL,
     DISTORTION_MODELS,
     CameraModel,

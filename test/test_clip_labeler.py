@@ -12,12 +12,12 @@ import cv2
 import numpy as np
 import pytest
 
-from perception2d_ros.core.clip.labeler import ClipLabeler, softmax
-from perception2d_ros.core.clip.preprocess import (
+from perception2d_ros.models.clip.labeler import ClipLabeler, softmax
+from perception2d_ros.models.clip.preprocess import (
     MEAN_RGB_U8, preprocess_bgr, square_box, square_crop, to_rgb)
-from perception2d_ros.core.clip.vocabulary import (
+from perception2d_ros.models.clip.vocabulary import (
     DEFAULT_TEMPLATES, TextEmbeddingCache, Vocabulary, normalize_templates)
-from perception2d_ros.core.engines import EngineConfig
+from perception2d_ros.engines.engines import EngineConfig
 
 COCO_IMAGES = sorted((Path(__file__).parent / "data" / "coco" / "images").glob("*.jpg"))
 CPU = EngineConfig(backend="onnxruntime", device="cpu")
@@ -66,7 +66,7 @@ def test_square_crop_geometry_clamps_and_pads():
 def clip_bundle(tmp_path_factory, arch: str, fmt: str, suffix: str) -> dict:
     """Same helper as in test_clip_parity.py: the session's seeded checkpoint + export
     (created by whichever CLIP test file runs first, reused by the other)."""
-    from perception2d_ros.core.clip import model as M
+    from perception2d_ros.models.clip import model as M
 
     base = tmp_path_factory.getbasetemp() / f"clip-{arch}-{fmt}"
     ckpt = base / f"{arch}{suffix}"

@@ -27,13 +27,13 @@ open_clip = pytest.importorskip("open_clip")
 
 from PIL import Image  # noqa: E402  (Pillow comes with torchvision)
 
-from perception2d_ros.core.clip import model as M  # noqa: E402
-from perception2d_ros.core.clip.labeler import ClipLabeler  # noqa: E402
-from perception2d_ros.core.clip.preprocess import (  # noqa: E402
+from perception2d_ros.models.clip import model as M  # noqa: E402
+from perception2d_ros.models.clip.labeler import ClipLabeler  # noqa: E402
+from perception2d_ros.models.clip.preprocess import (  # noqa: E402
     preprocess_bgr, preprocess_crops_bgr, square_crop, to_rgb)
-from perception2d_ros.core.clip.vocabulary import DEFAULT_TEMPLATES  # noqa: E402
-from perception2d_ros.core.engines import EngineConfig  # noqa: E402
-from perception2d_ros.core.model_store import sha256_file  # noqa: E402
+from perception2d_ros.models.clip.vocabulary import DEFAULT_TEMPLATES  # noqa: E402
+from perception2d_ros.engines.engines import EngineConfig  # noqa: E402
+from perception2d_ros.engines.model_store import sha256_file  # noqa: E402
 
 pytestmark = pytest.mark.slow
 

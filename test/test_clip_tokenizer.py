@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from perception2d_ros.core.clip.tokenizer import CONTEXT_LENGTH, ClipTokenizer, get_tokenizer
+from perception2d_ros.models.clip.tokenizer import CONTEXT_LENGTH, ClipTokenizer, get_tokenizer
 
 CASES = [
     "",

@@ -18,7 +18,7 @@ from std_msgs.msg import Header  # noqa: E402
 from vision_msgs.msg import (BoundingBox2D, Detection2D, Detection2DArray,  # noqa: E402
                              ObjectHypothesis, ObjectHypothesisWithPose)
 
-from perception2d_ros.core.detections import Detections  # noqa: E402
+from perception2d_ros.models.detections import Detections  # noqa: E402
 from perception2d_ros.ros import conversions as conv  # noqa: E402
 
 pytestmark = pytest.mark.ros

@@ -10,7 +10,7 @@ import cv2
 import numpy as np
 import pytest
 
-from perception2d_ros.core import debug_draw as dd
+from perception2d_ros.io import debug_draw as dd
 
 CROWDED = "000000444010.jpg"   # 640x480, 51 objects: people, glasses, cups, cutlery
 
@@ -61,7 +61,7 @@ def test_crowded_real_scene_labels_never_overlap(crowded, scale, tmp_path):
 
 def test_crowded_detector_output_labels_never_overlap(crowded, models_dir):
     """The same through the real detector at a low threshold (many overlapping boxes)."""
-    from perception2d_ros.core.yolo import YoloDetector
+    from perception2d_ros.models.yolo.detector import YoloDetector
 
     img, _, _ = crowded
     det = YoloDetector.from_model("yolox_nano", conf=0.05, max_det=100).detect(img)

@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from perception2d_ros.core.camera import CameraModel
-from perception2d_ros.core.demo_sequence import (compose, gt_recall, load_sequence,
+from perception2d_ros.geometry.camera import CameraModel
+from perception2d_ros.demo.sequence import (compose, gt_recall, load_sequence,
                                                  map_boxes_raw_to_rect, read_ground_truth)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -89,7 +89,7 @@ def test_gt_boxes_map_to_rectified_pixels(seq):
 
 
 def test_plan_params_lists_stages_without_weights_once(tmp_path):
-    from perception2d_ros.demo import plan_params
+    from perception2d_ros.demo.run import plan_params
 
     params = {"stages": ["rectify", "detect", "sam", "clip"], "models_dir": str(tmp_path),
               "extrinsics.enabled": True}
@@ -105,7 +105,7 @@ def test_plan_params_lists_stages_without_weights_once(tmp_path):
 def _demo(args: list[str], tmp_path: Path, timeout: float = 240) -> subprocess.CompletedProcess:
     env = dict(os.environ)
     env["ROS_DOMAIN_ID"] = str(151 + int(env.get("ROS_DOMAIN_ID", "0")) % 80)
-    return subprocess.run([sys.executable, "-m", "perception2d_ros.demo", *args],
+    return subprocess.run([sys.executable, "-m", "perception2d_ros.demo.run", *args],
                           cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=timeout)
 
@@ -122,7 +122,7 @@ def test_bag_it_cannot_use_is_one_line(tmp_path):
 
 @pytest.mark.ros
 def test_bag_without_camera_info_is_one_line(tmp_path):
-    from perception2d_ros.core.bagio import BagWriter, image_msg
+    from perception2d_ros.io.bagio import BagWriter, image_msg
 
     bag = tmp_path / "noinfo.mcap"
     with BagWriter(bag) as w:
@@ -191,7 +191,7 @@ def test_report_renders_in_a_browser(tmp_path):
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
     if browser is None:
         pytest.skip("no chromium here (Debian: apt-get install chromium)")
-    from perception2d_ros.core.demo_report import html_report, plot_summary
+    from perception2d_ros.demo.report import html_report, plot_summary
 
     img = np.zeros((1080, 3848, 3), np.uint8)
     img[:, :1920] = (40, 160, 40)

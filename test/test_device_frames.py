@@ -1,4 +1,4 @@
-"""Frames kept on the models' torch device (``detect.device_frames``, core/gpu.py): upload
+"""Frames kept on the models' torch device (``detect.device_frames``, engines/device.py): upload
 once, rectify, letterbox, decode + NMS on the device. The same pipeline code runs on torch's
 CPU device here and on CUDA where a GPU is present; it is compared with the host pipeline
 (cv2 / numpy / ONNX Runtime, the reference) on real COCO frames with a real calibration."""
@@ -10,9 +10,9 @@ import cv2
 import numpy as np
 import pytest
 
-from perception2d_ros.core.camera import CameraModel
-from perception2d_ros.core.engines import cuda_available
-from perception2d_ros.core.pipeline import Frame, build_pipeline, merge_config
+from perception2d_ros.geometry.camera import CameraModel
+from perception2d_ros.engines.engines import cuda_available
+from perception2d_ros.pipeline.build import Frame, build_pipeline, merge_config
 
 torch = pytest.importorskip("torch", reason="torch is an export/test extra (requirements/test.txt)")
 CUDA_OK, CUDA_WHY = cuda_available()
@@ -89,9 +89,9 @@ def test_device_letterbox_equals_the_host_letterbox(data_dir: Path, models_dir: 
     """The device letterbox tensor vs :class:`Letterbox`: the same geometry, padding and
     values (±1 grey level from the float resize) for YOLOX (top-left, BGR, 0–255) and the
     Ultralytics convention (centred, RGB, /255)."""
-    from perception2d_ros.core.gpu import DeviceDetector
-    from perception2d_ros.core.preprocess import Letterbox
-    from perception2d_ros.core.yolo import YoloDetector
+    from perception2d_ros.models.yolo.device import DeviceDetector
+    from perception2d_ros.models.yolo.preprocess import Letterbox
+    from perception2d_ros.models.yolo.detector import YoloDetector
 
     det = YoloDetector.from_model("yolox_nano", _torch_cpu(), models_dir=models_dir)
     img = cv2.imread(str(data_dir / "coco" / "images" / IMAGES[0]))
@@ -107,7 +107,7 @@ def test_device_letterbox_equals_the_host_letterbox(data_dir: Path, models_dir: 
 
 
 def _torch_cpu():
-    from perception2d_ros.core.engines import EngineConfig
+    from perception2d_ros.engines.engines import EngineConfig
 
     return EngineConfig(backend="torch", device="cpu", fallback=False)
 
@@ -123,9 +123,9 @@ def test_device_frames_on_cuda_match_the_host_pipeline(data_dir: Path, models_di
 def test_device_clip_crops_equal_the_host_crops(data_dir: Path) -> None:
     """CLIP crops cut and resized on the device (antialiased bicubic in float) vs the host's
     Pillow-exact crops: the same squares and frame-border fill; pixels within a few levels."""
-    from perception2d_ros.core.clip.preprocess import (MEAN_RGB_U8, OPENAI_MEAN, OPENAI_STD,
+    from perception2d_ros.models.clip.preprocess import (MEAN_RGB_U8, OPENAI_MEAN, OPENAI_STD,
                                                        preprocess_bgr, preprocess_crops_bgr)
-    from perception2d_ros.core.gpu import clip_preprocess
+    from perception2d_ros.models.clip.device import clip_preprocess
 
     img = cv2.imread(str(data_dir / "coco" / "images" / IMAGES[0]))
     h, w = img.shape[:2]
@@ -146,8 +146,8 @@ def test_device_clip_crops_equal_the_host_crops(data_dir: Path) -> None:
 def test_device_mask_combination_equals_the_host_one() -> None:
     """Instance-id image (overlaps: higher score wins, ties: lower index, NaN lowest), areas
     and mask boxes computed on the device equal the host functions exactly."""
-    from perception2d_ros.core.gpu import combine_masks
-    from perception2d_ros.core.sam import SamResult, instance_id_image, mask_bboxes
+    from perception2d_ros.models.sam.device import combine_masks
+    from perception2d_ros.models.sam.runtime import SamResult, instance_id_image, mask_bboxes
 
     rng = np.random.default_rng(3)
     h, w, n = 60, 90, 7
@@ -169,8 +169,8 @@ def test_device_decode_equals_the_host_decode(data_dir: Path, models_dir: Path,
                                               multi_label: bool) -> None:
     """The device decode of a real YOLOX-nano output (grid, exp, obj × cls, threshold,
     multi-label) keeps the host decode's candidates with the same classes and boxes."""
-    from perception2d_ros.core.gpu import DeviceDetector
-    from perception2d_ros.core.yolo import YoloDetector
+    from perception2d_ros.models.yolo.device import DeviceDetector
+    from perception2d_ros.models.yolo.detector import YoloDetector
 
     det = YoloDetector.from_model("yolox_nano", _torch_cpu(), models_dir=models_dir,
                                   conf=0.05, multi_label=multi_label)

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from perception2d_ros.core.engines import (
+from perception2d_ros.engines.engines import (
     BackendUnavailable,
     EngineConfig,
     EngineError,
@@ -217,7 +217,7 @@ def test_torch_engine_cuda_matches_onnxruntime(small_model: tuple[Any, Path],
 def test_tensorrt_build_cache_and_match_onnxruntime(small_model: tuple[Any, Path],
                                                     ort_engine: OrtEngine,
                                                     tmp_path: Path) -> None:
-    from perception2d_ros.core.engines import TensorRTEngine
+    from perception2d_ros.engines.engines import TensorRTEngine
 
     trt = TensorRTEngine(small_model[1], precision="fp32", cache_dir=tmp_path)
     assert trt.engine_path.is_file()

@@ -1,4 +1,4 @@
-"""Tests for perception2d_ros.core.image_codec (sensor_msgs/Image <-> numpy, colour conversion).
+"""Tests for perception2d_ros.io.image_codec (sensor_msgs/Image <-> numpy, colour conversion).
 
 Real image: test/data/coco/images/000000397133.jpg (COCO val2017, see test/data/ATTRIBUTION.md).
 """
@@ -16,7 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from perception2d_ros.core.image_codec import (
+from perception2d_ros.io.image_codec import (
     CONVERT_TARGETS,
     ENCODINGS,
     array_to_image_fields,

@@ -198,7 +198,7 @@ def input_bag(ws: dict) -> Path:
 
 
 def _stamps_and_frames(bag: Path) -> dict[str, list[tuple[int, str]]]:
-    from perception2d_ros.core.bagio import BagReader, find_interface_dirs
+    from perception2d_ros.io.bagio import BagReader, find_interface_dirs
 
     out: dict[str, list[tuple[int, str]]] = {}
     with BagReader(bag, msg_dirs=find_interface_dirs()) as reader:
@@ -248,7 +248,7 @@ def test_ros2_launch_with_compressed_images_from_a_ros1_bag(ws, tmp_path):
 def _launch_play_and_check(ws: dict, tmp_path: Path, pipeline: str, input_bag: Path,
                            image_topics: list[str], frames: int, frame_id: str,
                            transport: str = "raw") -> None:
-    from perception2d_ros.bringup import node_list
+    from perception2d_ros.ros.bringup import node_list
 
     # reliable images end to end, so that every frame must come out also on a loaded machine
     params = yaml.safe_load(DEFAULT_YAML.read_text())

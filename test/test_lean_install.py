@@ -85,7 +85,7 @@ def test_detect_and_process_run_without_importing_torch(tmp_path, data_dir, bloc
 def test_make_demo_path_runs_without_torch(tmp_path):
     """`make demo`'s command (bringup nodes over DDS, in child processes) with torch absent."""
     out = tmp_path / "demo"
-    r = subprocess.run([sys.executable, "-m", "perception2d_ros.demo", "--out", str(out),
+    r = subprocess.run([sys.executable, "-m", "perception2d_ros.demo.run", "--out", str(out),
                         "--frames", "4"], cwd=REPO, env=_env(tmp_path, True),
                        capture_output=True, text=True, timeout=240)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]

@@ -19,8 +19,8 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("timm")
 pytest.importorskip("onnxruntime")
 
-from perception2d_ros.core import lseg as L  # noqa: E402
-from perception2d_ros.core import lseg_model as M  # noqa: E402
+from perception2d_ros.models.lseg import labeler as L  # noqa: E402
+from perception2d_ros.models.lseg import model as M  # noqa: E402
 
 SEG = Path(__file__).resolve().parent / "data" / "segmentation"
 SMALL = "lseg_test_small"
@@ -186,7 +186,7 @@ def small_net():
 
 @pytest.fixture(scope="module")
 def small_segmenter(small_export):
-    from perception2d_ros.core.engines import EngineConfig
+    from perception2d_ros.engines.engines import EngineConfig
 
     seg = L.LSegSegmenter.from_onnx(small_export["image"],
                                     EngineConfig(backend="onnxruntime", device="cpu"))
@@ -479,7 +479,7 @@ def test_constructed_end_to_end_module(tmp_path):
     """A module whose head outputs a known embedding (head1 weight 0, bias = phrase 2's
     embedding) exported to ONNX: every pixel of a real image is phrase 2; reordering the
     vocabulary moves the index, the engine is untouched."""
-    from perception2d_ros.core.engines import EngineConfig
+    from perception2d_ros.engines.engines import EngineConfig
 
     text = _orthonormal(4, seed=4)
     net = M.build_model(SMALL, seed=1)
@@ -725,7 +725,7 @@ def test_clip_in_lseg_checkpoint_loads_in_clip_module(tmp_path):
     net.clip_pretrained.*: extracted, it loads strictly into our CLIP module as
     ViT-B-32-quickgelu (OpenAI weights use QuickGELU) with identical weights."""
     open_clip = pytest.importorskip("open_clip")
-    from perception2d_ros.core.clip import model as clip_model
+    from perception2d_ros.models.clip import model as clip_model
 
     with torch.device("meta"):                               # names and shapes only
         layout = open_clip.create_model("ViT-B-32-quickgelu", pretrained=None,
@@ -767,8 +767,8 @@ class _FakeTextCache:
 def test_cli_checkpoint_uses_its_own_clip(small_export, tmp_path, monkeypatch, capsys):
     """--checkpoint: the LSeg export is cached by checkpoint sha256 and reused; the text side
     is the CLIP stored in the same checkpoint (extracted once)."""
-    from perception2d_ros.core import model_store as ms
-    from perception2d_ros.core.clip import vocabulary
+    from perception2d_ros.engines import model_store as ms
+    from perception2d_ros.models.clip import vocabulary
 
     net = M.build_model(SMALL, seed=SEED)
     ckpt = tmp_path / "mine.ckpt"
@@ -800,7 +800,7 @@ def test_cli_checkpoint_uses_its_own_clip(small_export, tmp_path, monkeypatch, c
 
 def test_cli_refuses_a_clip_of_the_wrong_architecture(small_export, tmp_path, monkeypatch,
                                                       capsys):
-    from perception2d_ros.core.clip import model as clip_model
+    from perception2d_ros.models.clip import model as clip_model
 
     sidecar = tmp_path / "clip_ViT-B-16.json"
     sidecar.write_text(json.dumps({"arch": "ViT-B-16", "image_onnx": {}, "text_onnx": {},
@@ -817,7 +817,7 @@ def test_cli_refuses_a_clip_of_the_wrong_architecture(small_export, tmp_path, mo
 def test_torch_backend_matches_onnxruntime_on_real_images(small_export, small_segmenter):
     """The LSeg image graph run by torch (``backend: torch``, the GPU backend where only
     torch + CUDA exist; here on the CPU) gives ORT's pixel embeddings on real images."""
-    from perception2d_ros.core.engines import EngineConfig, TorchEngine
+    from perception2d_ros.engines.engines import EngineConfig, TorchEngine
 
     seg = L.LSegSegmenter.from_onnx(small_export["image"],
                                     EngineConfig(backend="torch", device="cpu", fallback=False))

@@ -28,9 +28,9 @@ pytest.importorskip("timm")
 pytest.importorskip("onnxruntime")
 import torch.nn.functional as F  # noqa: E402
 
-from perception2d_ros.core import lseg as L  # noqa: E402
-from perception2d_ros.core import lseg_model as M  # noqa: E402
-from perception2d_ros.core.engines import EngineConfig  # noqa: E402
+from perception2d_ros.models.lseg import labeler as L  # noqa: E402
+from perception2d_ros.models.lseg import model as M  # noqa: E402
+from perception2d_ros.engines.engines import EngineConfig  # noqa: E402
 
 DATA = Path(__file__).resolve().parent / "data"
 SMALL, SIZE, SEED = "lseg_test_small", 256, 3
@@ -317,8 +317,8 @@ def test_stage_config_scales_and_flip(export, monkeypatch):
     """``lseg.scales`` / ``lseg.flip`` (as `process` and the nodes read them from the params
     file) reach the segmenter; a bad value names the parameter."""
     from perception2d_ros.cli import seglabels as sl
-    from perception2d_ros.core import lseg_stage
-    from perception2d_ros.core.pipeline import merge_config, validate_config
+    from perception2d_ros.models.lseg import stage as lseg_stage
+    from perception2d_ros.pipeline.build import merge_config, validate_config
 
     class _Text:  # the CLIP text tower is not what is tested here
         def encode(self, phrases, templates):

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from perception2d_ros.core import model_store as ms
+from perception2d_ros.engines import model_store as ms
 
 REPO = Path(__file__).resolve().parents[1]
 MANIFEST = REPO / "models" / "manifest.yaml"

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import yaml
 
-from perception2d_ros.core import fetch, model_store as ms
+from perception2d_ros.engines import fetch, model_store as ms
 
 REPO = Path(__file__).resolve().parents[1]
 MODELS = REPO / "models"
@@ -399,15 +399,15 @@ def test_export_without_checkpoint_says_how_to_get_it(tmp_path, capsys):
     d = tmp_path / "m"
     d.mkdir()
     rc, _, err = run_cli(capsys, "export", "clip_vit_b32", "--models-dir", str(d))
-    if not _has("perception2d_ros.core.clip.model"):
+    if not _has("perception2d_ros.models.clip.model"):
         assert rc == 3 and "not available" in err
         return
     assert rc == 1 and "models fetch clip_vit_b32" in err
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not _has("perception2d_ros.core.clip.model"),
-                    reason="perception2d_ros.core.clip.model (CLIP export) not in this build")
+@pytest.mark.skipif(not _has("perception2d_ros.models.clip.model"),
+                    reason="perception2d_ros.models.clip.model (CLIP export) not in this build")
 def test_export_clip_random_weights_records_sha256(tmp_path, capsys):
     d = tmp_path / "m"
     d.mkdir()
@@ -585,9 +585,9 @@ def test_export_lseg_small_random_weights_with_the_real_module(tmp_path, capsys)
     """The CLI path end to end with a real stage module: lseg_model's reduced test
     architecture (random weights), ONNX Runtime smoke run, parity on the shipped image."""
     pytest.importorskip("torch")
-    if not _has("perception2d_ros.core.lseg_model"):
-        pytest.skip("perception2d_ros.core.lseg_model not in this build")
-    from perception2d_ros.core import lseg_model
+    if not _has("perception2d_ros.models.lseg.model"):
+        pytest.skip("perception2d_ros.models.lseg.model not in this build")
+    from perception2d_ros.models.lseg import model as lseg_model
 
     if "lseg_test_small" not in getattr(lseg_model, "ARCHS", {}):
         pytest.skip("lseg_model has no reduced test architecture")
@@ -595,7 +595,7 @@ def test_export_lseg_small_random_weights_with_the_real_module(tmp_path, capsys)
     d.mkdir()
     raw = yaml.safe_load((MODELS / ms.MANIFEST).read_text())
     spec = dict(raw["models"]["lseg_demo_e200"])
-    spec["export"] = {"module": "perception2d_ros.core.lseg_model", "arch": "lseg_test_small"}
+    spec["export"] = {"module": "perception2d_ros.models.lseg.model", "arch": "lseg_test_small"}
     raw["models"]["lseg_small"] = spec
     (d / ms.MANIFEST).write_text(yaml.safe_dump(raw))
     rc, out, err = run_cli(capsys, "export", "lseg_small", "--random-weights", "--seed", "0",

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import yaml
 
-from perception2d_ros.bringup import node_list
+from perception2d_ros.ros.bringup import node_list
 
 REPO = Path(__file__).resolve().parents[1]
 CLIP = REPO / "test" / "data" / "realcam" / "tracking" / "udacity_highway_640"
@@ -83,7 +83,7 @@ def test_track_node_publishes_stable_ids_from_detector_boxes():
     from std_msgs.msg import Header
     from vision_msgs.msg import Detection2DArray
 
-    from perception2d_ros.core.yolo import YoloDetector
+    from perception2d_ros.models.yolo.detector import YoloDetector
     from perception2d_ros.ros import conversions as conv
     from perception2d_ros.ros.perception_node import PerceptionNode
     from ros_harness import RELIABLE, RosHarness, wait_for
@@ -127,7 +127,7 @@ def test_process_cli_tracks_the_clip(tmp_path):
     """`perception2d process` with stages [detect, track]: `detections` carry the track ids,
     each car one id over the bag; the command prints its summary and exits 0."""
     pytest.importorskip("rclpy")
-    from perception2d_ros.core.bagio import BagReader, BagWriter, image_msg
+    from perception2d_ros.io.bagio import BagReader, BagWriter, image_msg
 
     bag = tmp_path / "in.mcap"
     with BagWriter(bag) as w:
@@ -161,7 +161,7 @@ def test_process_cli_rejects_bad_track_parameter(tmp_path):
     """A bad track.* value is one clear line naming the parameter, no traceback (on a real
     bag: `process` checks the bag first)."""
     pytest.importorskip("rclpy")
-    from perception2d_ros.core.bagio import BagWriter, image_msg
+    from perception2d_ros.io.bagio import BagWriter, image_msg
 
     bag = tmp_path / "in.mcap"
     with BagWriter(bag) as w:
@@ -189,7 +189,7 @@ def test_track_node_tracks_each_camera_independently():
     from std_msgs.msg import Header
     from vision_msgs.msg import Detection2DArray
 
-    from perception2d_ros.core.detections import Detections
+    from perception2d_ros.models.detections import Detections
     from perception2d_ros.ros import conversions as conv
     from perception2d_ros.ros.perception_node import PerceptionNode
     from ros_harness import RELIABLE, RosHarness, wait_for

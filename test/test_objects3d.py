@@ -12,8 +12,8 @@ import math
 import numpy as np
 import pytest
 
-from perception2d_ros.core.camera import CameraModel, Extrinsics
-from perception2d_ros.core.objects3d import depth_to_metres, lift_objects
+from perception2d_ros.geometry.camera import CameraModel, Extrinsics
+from perception2d_ros.geometry.objects3d import depth_to_metres, lift_objects
 
 PINHOLE = CameraModel(640, 480, [500, 0, 320, 0, 500, 240, 0, 0, 1])
 # a real lens (OpenCV's left*.jpg calibration, plumb_bob) for the rectified-image case
@@ -237,7 +237,7 @@ def test_depth_errors_name_the_field():
 
 
 def test_debug_image_label_shows_the_distance():
-    from perception2d_ros.core.debug_draw import _with_distance
+    from perception2d_ros.io.debug_draw import _with_distance
 
     boxes = np.array([[300, 100, 340, 239.0], [300, 200, 340, 300.0]])  # 2nd: 10 m ahead
     obj = lift_objects(boxes, PINHOLE, LEVEL)

@@ -12,12 +12,12 @@ import cv2
 import numpy as np
 import pytest
 
-from perception2d_ros.core.engines import (EngineConfig, EngineError, TorchEngine,
+from perception2d_ros.engines.engines import (EngineConfig, EngineError, TorchEngine,
                                            create_engine, cuda_available)
-from perception2d_ros.core.yolo import YoloDetector
+from perception2d_ros.models.yolo.detector import YoloDetector
 
 torch = pytest.importorskip("torch", reason="torch is an export/test extra (requirements/test.txt)")
-from perception2d_ros.core import onnx_torch  # noqa: E402  (imports torch)
+from perception2d_ros.engines import onnx_torch  # noqa: E402  (imports torch)
 CUDA_OK, CUDA_WHY = cuda_available()
 ORT = EngineConfig(backend="onnxruntime", device="cpu")
 TORCH_CPU = EngineConfig(backend="torch", device="cpu", fallback=False)

@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from perception2d_ros.core.camera import Extrinsics
-from perception2d_ros.core.pipeline import build_pipeline, merge_config, validate_config
+from perception2d_ros.geometry.camera import Extrinsics
+from perception2d_ros.pipeline.build import build_pipeline, merge_config, validate_config
 
 
 def _extr(pipeline):

@@ -15,7 +15,7 @@ from rclpy.parameter import Parameter  # noqa: E402
 from sensor_msgs.msg import Image  # noqa: E402
 from vision_msgs.msg import Classification, Detection2DArray, LabelInfo  # noqa: E402
 
-from perception2d_ros.core.engines import EngineConfig  # noqa: E402
+from perception2d_ros.engines.engines import EngineConfig  # noqa: E402
 from perception2d_ros.ros import conversions as conv  # noqa: E402
 from perception2d_ros.ros.perception_node import PerceptionNode  # noqa: E402
 from ros_harness import BEST_EFFORT, LATCHED, RELIABLE, RosHarness, wait_for  # noqa: E402
@@ -34,7 +34,7 @@ def b32(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def lseg_small(tmp_path_factory):
-    from perception2d_ros.core import lseg_model as M
+    from perception2d_ros.models.lseg import model as M
 
     return M.export_onnx("lseg_test_small", None, tmp_path_factory.mktemp("lseg"), seed=0,
                          input_size=256)
@@ -68,8 +68,8 @@ def _send(h, pub, outs, msg, timeout=60):
 
 
 def test_clip_stage_labels_detections_and_follows_vocabulary(harness, b32, data_dir):
-    from perception2d_ros.core.clip.labeler import ClipLabeler
-    from perception2d_ros.core.yolo import YoloDetector
+    from perception2d_ros.models.clip.labeler import ClipLabeler
+    from perception2d_ros.models.yolo.detector import YoloDetector
 
     node = PerceptionNode("pipeline_node", context=harness.context, namespace="/camera",
                           parameter_overrides=[
@@ -122,8 +122,8 @@ def test_clip_stage_labels_detections_and_follows_vocabulary(harness, b32, data_
 
 
 def test_lseg_stage_publishes_label_maps(harness, b32, lseg_small, data_dir):
-    from perception2d_ros.core.clip.vocabulary import TextEmbeddingCache
-    from perception2d_ros.core.lseg import LSegSegmenter
+    from perception2d_ros.models.clip.vocabulary import TextEmbeddingCache
+    from perception2d_ros.models.lseg.labeler import LSegSegmenter
 
     vocab = ["floor", "wall", "person", "car", "sky"]
     node = PerceptionNode("pipeline_node", context=harness.context, namespace="/camera",
@@ -165,8 +165,8 @@ def test_sam_stage_masks_every_detection(harness, sam_random_export, data_dir):
     """detect → SAM in one pipeline_node: one encoder run per frame, a mono16 instance-id
     image aligned to the input, masks/detections with mask ids and scores, identical to the
     offline SamSegmenter on the detector's boxes."""
-    from perception2d_ros.core.sam import SamSegmenter, instance_id_image
-    from perception2d_ros.core.yolo import YoloDetector
+    from perception2d_ros.models.sam.runtime import SamSegmenter, instance_id_image
+    from perception2d_ros.models.yolo.detector import YoloDetector
 
     _, files, _ = sam_random_export
     node = PerceptionNode("pipeline_node", context=harness.context, namespace="/camera",
@@ -208,7 +208,7 @@ def test_separate_clip_node_matches_pipeline_mode(harness, b32, data_dir, tmp_pa
     detections and frame labels as one pipeline_node running detect + clip."""
     import yaml
 
-    from perception2d_ros.bringup import node_list
+    from perception2d_ros.ros.bringup import node_list
 
     params = {"/**": {"ros__parameters": {
         "stages": ["detect", "clip"], "input": "rect",

@@ -33,10 +33,10 @@ from sensor_msgs.msg import CameraInfo, Image  # noqa: E402
 from std_msgs.msg import Header  # noqa: E402
 from vision_msgs.msg import Detection2DArray  # noqa: E402
 
-from perception2d_ros.core.camera import CameraModel  # noqa: E402
-from perception2d_ros.core.flow import ErrorReporter  # noqa: E402
-from perception2d_ros.core.image_codec import array_to_image_fields, image_to_array  # noqa: E402
-from perception2d_ros.core.pipeline import RectifyStage, Frame  # noqa: E402
+from perception2d_ros.geometry.camera import CameraModel  # noqa: E402
+from perception2d_ros.pipeline.flow import ErrorReporter  # noqa: E402
+from perception2d_ros.io.image_codec import array_to_image_fields, image_to_array  # noqa: E402
+from perception2d_ros.pipeline.build import RectifyStage, Frame  # noqa: E402
 from perception2d_ros.ros import conversions as conv  # noqa: E402
 from perception2d_ros.ros.perception_node import PerceptionNode  # noqa: E402
 from ros_harness import BEST_EFFORT, RELIABLE, RosHarness, wait_for  # noqa: E402
@@ -624,7 +624,7 @@ def _models_copy(tmp_path: Path, models_dir: Path, extra: dict[str, Path] | None
     """A models directory with the shipped manifest (+ ``extra`` entries, sha256 recorded)."""
     import yaml
 
-    from perception2d_ros.core.model_store import sha256_file
+    from perception2d_ros.engines.model_store import sha256_file
 
     d = tmp_path / "models"
     d.mkdir(exist_ok=True)
@@ -792,7 +792,7 @@ def test_engine_build_failure_falls_back_to_the_next_backend(tmp_path, caplog):
     torch = pytest.importorskip("torch")
     import logging
 
-    from perception2d_ros.core.engines import (EngineConfig, EngineError, TensorSpec,
+    from perception2d_ros.engines.engines import (EngineConfig, EngineError, TensorSpec,
                                                TorchEngine, create_engine)
 
     path = _onnx(tmp_path / "too_new.onnx", [1, 3, 8, 8], ir_version=99)

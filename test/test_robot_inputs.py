@@ -21,10 +21,10 @@ import numpy as np
 import pytest
 import yaml
 
-from perception2d_ros.core.bagio import (BagReader, CameraTopics, bag_info, find_camera_topics,
+from perception2d_ros.io.bagio import (BagReader, CameraTopics, bag_info, find_camera_topics,
                                          image_streams, is_ros1_bag)
-from perception2d_ros.core.camera import CALIBRATION_LAYOUTS, CameraModel
-from perception2d_ros.core.image_codec import decode_compressed, encode_compressed
+from perception2d_ros.geometry.camera import CALIBRATION_LAYOUTS, CameraModel
+from perception2d_ros.io.image_codec import decode_compressed, encode_compressed
 
 REPO = Path(__file__).resolve().parents[1]
 APOLLO = Path(__file__).resolve().parent / "data" / "realcam" / "apollo_obstacle"
@@ -562,7 +562,7 @@ def test_pipeline_node_with_compressed_transport(capfd: pytest.CaptureFixture) -
 
 
 def test_bringup_image_transport_goes_to_camera_facing_nodes_only(tmp_path: Path) -> None:
-    from perception2d_ros.bringup import node_list
+    from perception2d_ros.ros.bringup import node_list
 
     params = tmp_path / "p.yaml"
     params.write_text("/**:\n  ros__parameters:\n    stages: [rectify, detect, clip]\n"
@@ -621,7 +621,7 @@ def test_demo_on_a_ros1_compressed_bag_in_separate_nodes(ros1_bag: Path, tmp_pat
     params = tmp_path / "params_reliable.yaml"
     params.write_text(yaml.safe_dump(data))
     out = tmp_path / "demo"
-    res = subprocess.run([sys.executable, "-m", "perception2d_ros.demo", "--bag", str(ros1_bag),
+    res = subprocess.run([sys.executable, "-m", "perception2d_ros.demo.run", "--bag", str(ros1_bag),
                           "--out", str(out), "--params-file", str(params), "--pipeline",
                           "false", "--timeout", "120"],
                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)

@@ -11,7 +11,7 @@ import cv2
 import numpy as np
 import pytest
 
-from perception2d_ros.core import sam
+from perception2d_ros.models.sam import runtime as sam
 
 COCO = Path(__file__).resolve().parent / "data" / "coco"
 IMAGES = sorted((COCO / "images").glob("*.jpg"))
@@ -214,7 +214,7 @@ def test_build_prompts_layout_matches_prompt_encoder() -> None:
 # --------------------------------------------------------------------------- loading / CLI
 def test_weights_only_loader_rejects_pickles_and_infers_arch(tmp_path: Path) -> None:
     torch = pytest.importorskip("torch")
-    from perception2d_ros.core import sam_export
+    from perception2d_ros.models.sam import export as sam_export
 
     bad = tmp_path / "evil.pth"
     torch.save({"x": types.SimpleNamespace(a=1)}, bad)   # arbitrary object: needs pickle
@@ -287,9 +287,9 @@ def test_large_model_export_uses_one_external_data_file(tmp_path: Path, monkeypa
     Runtime loads and the sidecar entry hashes (threshold lowered on a small module)."""
     torch = pytest.importorskip("torch")
     pytest.importorskip("onnxruntime")
-    from perception2d_ros.core import sam_export
-    from perception2d_ros.core.engines import OrtEngine
-    from perception2d_ros.core.model_store import sha256_file
+    from perception2d_ros.models.sam import export as sam_export
+    from perception2d_ros.engines.engines import OrtEngine
+    from perception2d_ros.engines.model_store import sha256_file
 
     monkeypatch.setattr(sam_export, "EXTERNAL_DATA_THRESHOLD", 0)
     torch.manual_seed(0)

@@ -22,9 +22,9 @@ pytest.importorskip("timm", reason="MobileSAM needs timm (test extra)")
 pytest.importorskip("mobile_sam", reason="MobileSAM needs mobilesam-mirror (test extra)")
 pytest.importorskip("onnxruntime")
 
-from perception2d_ros.core import sam, sam_export  # noqa: E402
-from perception2d_ros.core.engines import EngineConfig  # noqa: E402
-from perception2d_ros.core.model_store import sha256_file  # noqa: E402
+from perception2d_ros.models.sam import runtime as sam, export as sam_export  # noqa: E402
+from perception2d_ros.engines.engines import EngineConfig  # noqa: E402
+from perception2d_ros.engines.model_store import sha256_file  # noqa: E402
 from test_sam_parity import (COCO_DIR, PARITY_IMAGES, _prompts,  # noqa: E402,F401
                              check_parity_report, coco)
 
@@ -140,7 +140,7 @@ def test_sam_stage_runs_the_mobile_sam_export(mobile, monkeypatch) -> None:
     """detect → sam through the ROS-free pipeline (the nodes run the same stage objects) with
     ``sam.model: mobile_sam`` and its checkpoint: the export comes from the cache, one
     encoder run per frame, masks equal to the offline segmenter's on the detector's boxes."""
-    from perception2d_ros.core.pipeline import Frame, build_pipeline, merge_config
+    from perception2d_ros.pipeline.build import Frame, build_pipeline, merge_config
 
     ckpt, files, _, out = mobile
     monkeypatch.setenv("PERCEPTION2D_CACHE_DIR", str(out.parent))
@@ -198,9 +198,9 @@ def test_sam_stage_on_device_frames_matches_host_stage(mobile, coco):
     masks and the instance-id image made there; against the host stage on the same boxes."""
     import torch
 
-    from perception2d_ros.core.detections import Detections
-    from perception2d_ros.core.pipeline import Frame
-    from perception2d_ros.core.sam_stage import SamStage
+    from perception2d_ros.models.detections import Detections
+    from perception2d_ros.pipeline.build import Frame
+    from perception2d_ros.models.sam.stage import SamStage
 
     _, files, _, _ = mobile
     host = SamStage(sam.SamSegmenter.from_exported(files, CPU))

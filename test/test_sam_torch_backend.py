@@ -11,8 +11,8 @@ import cv2
 import numpy as np
 import pytest
 
-from perception2d_ros.core.engines import EngineConfig, TorchEngine, create_engine
-from perception2d_ros.core.sam import SamSegmenter
+from perception2d_ros.engines.engines import EngineConfig, TorchEngine, create_engine
+from perception2d_ros.models.sam.runtime import SamSegmenter
 
 pytestmark = pytest.mark.slow
 pytest.importorskip("torch", reason="torch is an export/test extra (requirements/test.txt)")

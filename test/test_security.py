@@ -161,7 +161,7 @@ Safe(f).load()
 def test_package_sources_never_execute_untrusted_code():
     """Every torch.load is weights_only=True; no pickle/marshal/shelve/joblib loads, no
     unrestricted Unpickler, no eval/exec, no shell, no unsafe YAML, no torch.hub."""
-    assert len(SOURCES) > 30 and PACKAGE / "core" / "engines.py" in SOURCES
+    assert len(SOURCES) > 30 and PACKAGE / "engines" / "engines.py" in SOURCES
     findings = [f for p in SOURCES for f in scan(p.read_text(encoding="utf-8"),
                                                   str(p.relative_to(REPO)))]
     assert findings == []
@@ -190,9 +190,9 @@ class _Payload:
 
 
 def _loaders():
-    from perception2d_ros.core.clip.model import read_state_dict
-    from perception2d_ros.core.lseg_model import read_checkpoint
-    from perception2d_ros.core.sam_export import load_state_dict
+    from perception2d_ros.models.clip.model import read_state_dict
+    from perception2d_ros.models.lseg.model import read_checkpoint
+    from perception2d_ros.models.sam.export import load_state_dict
 
     return {"clip.read_state_dict": read_state_dict, "lseg.read_checkpoint": read_checkpoint,
             "sam.load_state_dict": load_state_dict}
@@ -234,7 +234,7 @@ def _models(tmp_path: Path) -> Path:
 
 
 def test_model_paths_outside_the_models_dir_are_refused(tmp_path):
-    from perception2d_ros.core import model_store as ms
+    from perception2d_ros.engines import model_store as ms
 
     d = _models(tmp_path)
     outside = tmp_path / "elsewhere" / "x.onnx"
@@ -252,7 +252,7 @@ def test_model_paths_outside_the_models_dir_are_refused(tmp_path):
 
 def test_model_files_are_verified_before_use(tmp_path, models_dir):
     """A manifest model whose bytes differ from its sha256 is never handed to an engine."""
-    from perception2d_ros.core import model_store as ms
+    from perception2d_ros.engines import model_store as ms
 
     d = tmp_path / "models"
     d.mkdir()
@@ -441,8 +441,8 @@ def test_node_refuses_a_model_path_outside_the_models_dir(tmp_path, models_dir):
     detect.allow_outside_models_dir is set (parameters can be set by anyone on the domain)."""
     import shutil
 
-    from perception2d_ros.core.model_store import ModelFileError
-    from perception2d_ros.core.pipeline import build_pipeline, merge_config
+    from perception2d_ros.engines.model_store import ModelFileError
+    from perception2d_ros.pipeline.build import build_pipeline, merge_config
 
     outside = tmp_path / "elsewhere.onnx"
     shutil.copy(models_dir / "yolox_nano.onnx", outside)

@@ -5,7 +5,7 @@ from types import SimpleNamespace as NS
 
 import pytest
 
-from perception2d_ros.core.flow import StampMatcher
+from perception2d_ros.pipeline.flow import StampMatcher
 
 MS = 1_000_000
 

@@ -8,8 +8,8 @@ import time
 import numpy as np
 import pytest
 
-from perception2d_ros.core.camera import Extrinsics
-from perception2d_ros.core.tf_buffer import TransformBuffer, TransformError, slerp
+from perception2d_ros.geometry.camera import Extrinsics
+from perception2d_ros.geometry.tf_buffer import TransformBuffer, TransformError, slerp
 
 S = 1_000_000_000
 # the Apollo front camera in its lidar frame (real extrinsics, test/data/realcam)

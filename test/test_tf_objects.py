@@ -26,8 +26,8 @@ import numpy as np
 import pytest
 import yaml
 
-from perception2d_ros.core.camera import BODY_TO_OPTICAL, CameraModel, Extrinsics
-from perception2d_ros.core.objects3d import lift_objects
+from perception2d_ros.geometry.camera import BODY_TO_OPTICAL, CameraModel, Extrinsics
+from perception2d_ros.geometry.objects3d import lift_objects
 
 REPO = Path(__file__).resolve().parents[1]
 APOLLO = REPO / "test" / "data" / "realcam" / "apollo_obstacle"
@@ -104,7 +104,7 @@ def test_minivan_ahead_is_about_30m_and_moves_smoothly():
     ("depth_topic", 3, "depth_topic: 3 must be a topic name string"),
 ])
 def test_config_errors_name_the_parameter(key, value, match):
-    from perception2d_ros.core.pipeline import merge_config, validate_config
+    from perception2d_ros.pipeline.build import merge_config, validate_config
 
     group, _, name = key.rpartition(".")
     cfg = merge_config({group: {name: value}} if group else {name: value})
@@ -145,7 +145,7 @@ def _depth_image(stamp: int) -> np.ndarray:
 
 def _make_bag(path: Path, static: list, dynamic: list | None = None, n: int = 3,
               depth: bool = False) -> Path:
-    from perception2d_ros.core.bagio import BagWriter, camera_info_msg, image_msg
+    from perception2d_ros.io.bagio import BagWriter, camera_info_msg, image_msg
 
     cam = _camera()
     stamps = _apollo_stamps()[:n]
@@ -192,7 +192,7 @@ def _read_outputs(path: Path) -> dict[str, list]:
     from perception2d_interfaces.msg import GroundPositionArray
     from vision_msgs.msg import Detection2DArray, Detection3DArray
 
-    from perception2d_ros.core.bagio import BagReader
+    from perception2d_ros.io.bagio import BagReader
 
     types = {"/camera/detections": Detection2DArray,
              "/camera/detections/ground": GroundPositionArray,
@@ -231,7 +231,7 @@ def bags(tmp_path_factory):
 @pytest.fixture(scope="module")
 def processed(bags, tmp_path_factory):
     """process over the same frames: params in-process, tf from the CLI as users run it."""
-    from perception2d_ros.bringup import pipeline_config
+    from perception2d_ros.ros.bringup import pipeline_config
     from perception2d_ros.cli.process import process_bag
 
     d = tmp_path_factory.mktemp("tfout")
@@ -336,7 +336,7 @@ def _minivan_object(cam, d2, d3):
 def test_process_depth_topic_gives_the_minivan_its_depth(bags, tmp_path):
     """Aligned 16UC1 depth (paired by stamp, 2 ms apart): the minivan's object comes from the
     depth in its box, the others from the ground plane; a frame without depth falls back."""
-    from perception2d_ros.bringup import pipeline_config
+    from perception2d_ros.ros.bringup import pipeline_config
     from perception2d_ros.cli.process import process_bag
 
     cfg = pipeline_config(_params(tmp_path / "d.yaml", "tf", depth_topic="depth/image_raw"))
@@ -344,7 +344,7 @@ def test_process_depth_topic_gives_the_minivan_its_depth(bags, tmp_path):
                         debug_image=True)
     assert stats["frames_out"] == 3
     out = _read_outputs(tmp_path / "out.mcap")
-    from perception2d_ros.core.bagio import BagReader
+    from perception2d_ros.io.bagio import BagReader
 
     with BagReader(tmp_path / "out.mcap") as reader:   # the debug image shows distances
         assert reader.topics["/camera/debug_image"].count == 3
@@ -378,7 +378,7 @@ def test_live_node_extrinsics_from_tf_static_equal_parameters():
     from vision_msgs.msg import Detection2DArray, Detection3DArray
     from perception2d_interfaces.msg import GroundPositionArray
 
-    from perception2d_ros.core.bagio import camera_info_msg, image_msg, make_typestore
+    from perception2d_ros.io.bagio import camera_info_msg, image_msg, make_typestore
     from perception2d_ros.ros.perception_node import PerceptionNode
 
     sys.path.insert(0, str(Path(__file__).parent))
@@ -469,7 +469,7 @@ def test_live_node_depth_topic_32fc1():
     from sensor_msgs.msg import CameraInfo, Image
     from vision_msgs.msg import Detection2DArray, Detection3DArray
 
-    from perception2d_ros.core.bagio import camera_info_msg, image_msg, make_typestore
+    from perception2d_ros.io.bagio import camera_info_msg, image_msg, make_typestore
     from perception2d_ros.ros.perception_node import PerceptionNode
 
     sys.path.insert(0, str(Path(__file__).parent))

@@ -50,7 +50,7 @@ def _hyps(d) -> list[tuple[str, float]]:
 def test_tracked_clip_labels_pipeline_and_separate_nodes_agree(harness, b32, tmp_path):
     import yaml
 
-    from perception2d_ros.bringup import node_list
+    from perception2d_ros.ros.bringup import node_list
 
     params = {"/**": {"ros__parameters": {
         "stages": ["detect", "track", "clip"], "input": "rect", "clip.frame_labels": False,

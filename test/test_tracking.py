@@ -8,11 +8,11 @@ import cv2
 import numpy as np
 import pytest
 
-from perception2d_ros.core.clip_stage import TrackLabels
-from perception2d_ros.core.detections import Detections
-from perception2d_ros.core.pipeline import Frame, merge_config, validate_config
-from perception2d_ros.core.track_stage import TrackStage
-from perception2d_ros.core.tracking import ByteTracker, TrackerConfig, iou_matrix
+from perception2d_ros.models.clip.stage import TrackLabels
+from perception2d_ros.models.detections import Detections
+from perception2d_ros.pipeline.build import Frame, merge_config, validate_config
+from perception2d_ros.models.tracking.stage import TrackStage
+from perception2d_ros.models.tracking.bytetrack import ByteTracker, TrackerConfig, iou_matrix
 
 CLIPS = Path(__file__).resolve().parent / "data" / "realcam" / "tracking"
 
@@ -173,8 +173,8 @@ def test_track_labels_running_mean_is_stable_where_frames_flicker():
 # ----------------------------------------------------------------------------- real clips
 @pytest.fixture(scope="module")
 def detector():
-    from perception2d_ros.core.engines import EngineConfig
-    from perception2d_ros.core.yolo import YoloDetector
+    from perception2d_ros.engines.engines import EngineConfig
+    from perception2d_ros.models.yolo.detector import YoloDetector
 
     return YoloDetector.from_model("yolox_nano", engine_config=EngineConfig(
         backend="onnxruntime", device="cpu", threads=1), conf=0.1, iou=0.45, max_det=100)

@@ -89,8 +89,8 @@ def test_bag_info_json_into_a_closed_pipe_is_quiet(fixtures):
 
 # --------------------------------------------------------------------------- item 2
 def test_corrupt_model_file_stops_without_trying_other_backends(fixtures, caplog):
-    from perception2d_ros.core import model_store as ms
-    from perception2d_ros.core.engines import EngineConfig, create_engine
+    from perception2d_ros.engines import model_store as ms
+    from perception2d_ros.engines.engines import EngineConfig, create_engine
 
     calls = []
 
@@ -107,7 +107,7 @@ def test_corrupt_model_file_stops_without_trying_other_backends(fixtures, caplog
 
 
 def test_a_corrupt_manifest_model_names_its_expected_sha256(tmp_path, monkeypatch, models_dir):
-    from perception2d_ros.core import engines, model_store as ms
+    from perception2d_ros.engines import engines, model_store as ms
 
     monkeypatch.setenv(ms.ENV_VAR, str(tmp_path))
     entry = ms.load_manifest()["yolox_nano"]
@@ -125,7 +125,7 @@ def test_a_corrupt_manifest_model_names_its_expected_sha256(tmp_path, monkeypatc
 @pytest.mark.skipif(GPU, reason="a CUDA GPU is visible: cuda requests are honoured here")
 @pytest.mark.parametrize("backend", ["auto", "onnxruntime", "torch"])
 def test_explicit_cuda_is_refused_not_run_on_the_cpu(backend, models_dir):
-    from perception2d_ros.core.engines import BackendUnavailable, EngineConfig, create_engine
+    from perception2d_ros.engines.engines import BackendUnavailable, EngineConfig, create_engine
 
     with pytest.raises(BackendUnavailable, match="cuda"):
         create_engine(models_dir / "yolox_nano.onnx", EngineConfig(backend=backend,
@@ -135,7 +135,7 @@ def test_explicit_cuda_is_refused_not_run_on_the_cpu(backend, models_dir):
 def test_an_explicit_backend_that_cannot_run_is_not_replaced(models_dir):
     """``backend: torch`` whose engine reports it cannot run here is refused, not swapped for
     ONNX Runtime with a warning (fallback is for build failures)."""
-    from perception2d_ros.core.engines import BackendUnavailable, EngineConfig, create_engine
+    from perception2d_ros.engines.engines import BackendUnavailable, EngineConfig, create_engine
 
     def torch_factory():
         raise BackendUnavailable("torch backend on 'cuda' requested but no CUDA GPU visible")
@@ -148,7 +148,7 @@ def test_an_explicit_backend_that_cannot_run_is_not_replaced(models_dir):
 @pytest.mark.parametrize("command", ["detect", "label", "segment", "seglabels"])
 def test_every_command_accepts_the_same_backends(command):
     from perception2d_ros.cli.main import build_parser
-    from perception2d_ros.core.engines import BACKEND_CHOICES
+    from perception2d_ros.engines.engines import BACKEND_CHOICES
 
     parser = build_parser()
     sub = next(a for a in parser._actions if a.dest == "command").choices[command]
@@ -157,7 +157,7 @@ def test_every_command_accepts_the_same_backends(command):
 
 
 def test_auto_on_a_non_torch_gpu_detector_says_why_frames_stay_on_the_host():
-    from perception2d_ros.core.pipeline import DetectStage, _keep_frames_on_device
+    from perception2d_ros.pipeline.build import DetectStage, _keep_frames_on_device
 
     engine = types.SimpleNamespace(backend="tensorrt", device="cuda")  # what TensorRT reports
     stage = DetectStage(types.SimpleNamespace(engine=engine))
@@ -171,7 +171,7 @@ def test_auto_on_a_non_torch_gpu_detector_says_why_frames_stay_on_the_host():
 def test_truncated_images_are_detected(fixtures, tmp_path):
     import cv2
 
-    from perception2d_ros.core.image_files import ImageFileError, read_image, truncation
+    from perception2d_ros.io.image_files import ImageFileError, read_image, truncation
 
     good = (fixtures / "image.jpg").read_bytes()
     assert truncation(good) is None and truncation(good + b"\0\0") is None
@@ -193,7 +193,7 @@ def test_truncated_images_are_detected(fixtures, tmp_path):
     ("sam_vit_b", "perception2d models fetch sam_vit_b", None),  # downloadable
 ])
 def test_missing_model_advice_names_a_command_that_works(tmp_path, name, want, never):
-    from perception2d_ros.core import model_store as ms
+    from perception2d_ros.engines import model_store as ms
 
     with pytest.raises(ms.ModelFileError) as err:
         ms.resolve(name, tmp_path)
@@ -216,7 +216,7 @@ MODEL_PARAMETERS = [("detect", "model"), ("sam", "model"), ("sam", "checkpoint")
 
 
 def test_the_confined_parameters_are_every_model_parameter():
-    from perception2d_ros.core.model_params import MODEL_PARAMS
+    from perception2d_ros.engines.model_params import MODEL_PARAMS
 
     assert sorted((s, k) for s, ks in MODEL_PARAMS.items() for k in ks) == \
         sorted(MODEL_PARAMETERS)
@@ -224,8 +224,8 @@ def test_the_confined_parameters_are_every_model_parameter():
 
 @pytest.mark.parametrize("stage,key", MODEL_PARAMETERS)
 def test_every_model_parameter_is_confined_to_models_dir(tmp_path, stage, key):
-    from perception2d_ros.core.model_params import confine_model_params
-    from perception2d_ros.core.pipeline import merge_config
+    from perception2d_ros.engines.model_params import confine_model_params
+    from perception2d_ros.pipeline.build import merge_config
 
     outside = tmp_path / "elsewhere" / "weights.pt"
     outside.parent.mkdir()
@@ -235,7 +235,7 @@ def test_every_model_parameter_is_confined_to_models_dir(tmp_path, stage, key):
     (models / "inside.pt").write_bytes(b"x")
     cfg = merge_config({"stages": ["detect", stage], "models_dir": str(models),
                         stage: {key: str(outside)}})
-    from perception2d_ros.core.model_store import ModelFileError
+    from perception2d_ros.engines.model_store import ModelFileError
 
     with pytest.raises(ModelFileError,
                        match=f"{stage}.{key}.*{stage}.allow_outside_models_dir"):
@@ -334,7 +334,7 @@ TRT11_REMOVED = {"FP16", "INT8", "platform_has_fast_fp16", "int8_calibrator"}
 
 
 def test_tensorrt_11_build_uses_no_removed_api(tmp_path, models_dir):
-    from perception2d_ros.core.engines import build_serialized_engine
+    from perception2d_ros.engines.engines import build_serialized_engine
 
     trt = _Recorder("11.4.0", TRT11_REMOVED)
     cache = tmp_path / "timing.cache"
@@ -352,7 +352,7 @@ def test_tensorrt_11_build_uses_no_removed_api(tmp_path, models_dir):
 
 @pytest.mark.parametrize("precision", ["fp16", "int8"])
 def test_tensorrt_11_refuses_precisions_an_fp32_onnx_cannot_give(models_dir, precision):
-    from perception2d_ros.core.engines import EngineError, build_serialized_engine
+    from perception2d_ros.engines.engines import EngineError, build_serialized_engine
 
     trt = _Recorder("11.0.1", TRT11_REMOVED)
     with pytest.raises(EngineError, match="ONNX"):
@@ -362,7 +362,7 @@ def test_tensorrt_11_refuses_precisions_an_fp32_onnx_cannot_give(models_dir, pre
 
 
 def test_tensorrt_10_fp16_uses_the_builder_flag(models_dir):
-    from perception2d_ros.core.engines import build_serialized_engine
+    from perception2d_ros.engines.engines import build_serialized_engine
 
     trt = _Recorder("10.3.0", set())
     build_serialized_engine(trt, models_dir / "yolox_nano.onnx", precision="fp16",
@@ -371,7 +371,7 @@ def test_tensorrt_10_fp16_uses_the_builder_flag(models_dir):
 
 
 def test_any_exception_in_an_engine_build_is_an_engine_error(models_dir):
-    from perception2d_ros.core.engines import EngineError, build_serialized_engine
+    from perception2d_ros.engines.engines import EngineError, build_serialized_engine
 
     trt = _Recorder("10.3.0", set(), fail_build=True)
     with pytest.raises(EngineError, match="MemoryError: out of GPU memory"):

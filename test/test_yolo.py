@@ -17,18 +17,18 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from perception2d_ros.core.coco_eval import (
+from perception2d_ros.eval.coco import (
     EVAL_CONF,
     EVAL_IOU,
     EVAL_MAX_DET,
     category_mapping,
     evaluate_detector,
 )
-from perception2d_ros.core.detections import Detections
-from perception2d_ros.core.engines import Engine, EngineConfig, TensorSpec
-from perception2d_ros.core.nms import box_iou, nms
-from perception2d_ros.core.preprocess import Letterbox
-from perception2d_ros.core.yolo import FORMATS, FormatError, YoloDetector, grid_cells, infer_format
+from perception2d_ros.models.detections import Detections
+from perception2d_ros.engines.engines import Engine, EngineConfig, TensorSpec
+from perception2d_ros.models.yolo.nms import box_iou, nms
+from perception2d_ros.models.yolo.preprocess import Letterbox
+from perception2d_ros.models.yolo.detector import FORMATS, FormatError, YoloDetector, grid_cells, infer_format
 
 COCO_DIR = Path(__file__).resolve().parent / "data" / "coco"
 IMAGES = sorted((COCO_DIR / "images").glob("*.jpg"))
@@ -325,7 +325,7 @@ NMS_EDGES = [  # (boxes, scores, thr, classes, offset, kept)
 def test_nms_edge_cases_on_both_passes(boxes: list, scores: list, thr: float, classes: Any,
                                        offset: float, kept: list[int],
                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    from perception2d_ros.core import nms as nms_module
+    from perception2d_ros.models.yolo import nms as nms_module
 
     b, s = np.array(boxes, np.float32), np.array(scores, np.float32)
     cls = None if classes is None else np.array(classes)
@@ -346,7 +346,7 @@ def test_nms_python_pass_equals_numpy_pass(n: int, seed: int, thr: float, aware:
     float64 numpy pass keeps: tied scores, duplicate and zero-area boxes, both area
     conventions, max_det, float16 input, and (handed to the numpy pass) NaN / inf / huge
     coordinates."""
-    from perception2d_ros.core import nms as nms_module
+    from perception2d_ros.models.yolo import nms as nms_module
 
     rng = np.random.default_rng(seed)
     boxes = _messy_boxes(rng, n)
@@ -615,7 +615,7 @@ def test_nms_paths_keep_the_same_real_candidates(yolox: YoloDetector, raw_output
                                                  conf: float) -> None:
     """Real YOLOX-nano candidates of all 38 images (up to ~500 at conf 0.001): the Python pass
     and the numpy pass keep the same boxes, class-aware and agnostic, both conventions."""
-    from perception2d_ros.core import nms as nms_module
+    from perception2d_ros.models.yolo import nms as nms_module
 
     det = _same_engine(yolox, conf=conf, max_det=10_000)
     for name, (raw, meta, _) in raw_outputs.items():

@@ -278,7 +278,7 @@ def real_frames(size: tuple[int, int], count: int = 8) -> list[np.ndarray]:
 def camera_info_fields(size: tuple[int, int]) -> dict[str, Any]:
     """The real 1280×720 calibration (camerav1) as CameraInfo fields, scaled to ``size``
     (K and P scaled per axis; distortion unchanged), so any --size has a real-looking model."""
-    from perception2d_ros.core.camera import CameraModel
+    from perception2d_ros.geometry.camera import CameraModel
 
     cam = CameraModel.from_yaml(CALIBRATION)
     info = cam.to_camera_info_dict()
@@ -295,7 +295,7 @@ def camera_info_fields(size: tuple[int, int]) -> dict[str, Any]:
 
 
 def camera_model(size: tuple[int, int]) -> Any:
-    from perception2d_ros.core.camera import CameraModel
+    from perception2d_ros.geometry.camera import CameraModel
 
     f = camera_info_fields(size)
     return CameraModel(f["width"], f["height"], f["k"], f["d"],

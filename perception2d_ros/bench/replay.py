@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from .common import (LatencyHistogram, ProcessSampler, camera_info_fields, machine_info,
+from perception2d_ros.bench.common import (LatencyHistogram, ProcessSampler, camera_info_fields, machine_info,
                      real_frames, ros_env_defaults, set_threads)
 
 NS = "/bench"
@@ -56,7 +56,7 @@ def load_frames(bag: str | None, size: tuple[int, int], limit: int = 30) -> tupl
         info = conv.camera_info_msg(camera_info_fields(size), hdr)
         return msgs, info, (f"{len(msgs)} real COCO test images resized to {size[0]}x{size[1]}, "
                             "calibration camerav1_1280x720.yaml")
-    from perception2d_ros.core.bagio import BagReader
+    from perception2d_ros.io.bagio import BagReader
 
     if not Path(bag).exists():
         raise FileNotFoundError(f"bag {bag} does not exist")

@@ -30,7 +30,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .common import (camera_info_fields, machine_info, ros_env_defaults, real_frames,
+from perception2d_ros.bench.common import (camera_info_fields, machine_info, ros_env_defaults, real_frames,
                      set_threads, summarize_ms)
 
 STAGES = ("rectify", "detect", "pipeline", "sam", "clip", "lseg")
@@ -86,7 +86,7 @@ class _TimedRunner:
 def model_weights_status(stage: str, models_dir: str | None = None) -> tuple[bool, str]:
     """(present, reason) for the weights of an optional model stage (sam / clip / lseg)."""
     try:
-        from perception2d_ros.core import model_store
+        from perception2d_ros.engines import model_store
 
         entries = model_store.load_manifest(models_dir)
     except Exception as exc:  # manifest unreadable: say so instead of crashing the bench
@@ -166,7 +166,7 @@ def _input_messages(stage: str, size: tuple[int, int], count: int) -> tuple[list
     rectified camera_info, as a rectify node upstream would publish them."""
     from std_msgs.msg import Header
 
-    from perception2d_ros.core.camera import CameraModel
+    from perception2d_ros.geometry.camera import CameraModel
     from perception2d_ros.ros import conversions as conv
 
     imgs = real_frames(size, count)
@@ -226,7 +226,7 @@ def _run_node_stage(stage: str, ctx: Any, *, frames: int, size: tuple[int, int],
                     backend: str, model: str, models_dir: str | None) -> dict[str, Any]:
     import cv2
 
-    from perception2d_ros.core.camera import CameraModel
+    from perception2d_ros.geometry.camera import CameraModel
     from perception2d_ros.ros import conversions as conv
 
     node = _make_node(stage, ctx, threads, backend, model, models_dir)

@@ -80,7 +80,7 @@ def list_images(directory: str | os.PathLike[str]) -> list[Path]:
 
 def _load_camera_info(path: str | os.PathLike[str]) -> tuple[dict[str, Any], tuple[int, int]]:
     """camera_info dict and the (width, height) of the images it describes."""
-    from perception2d_ros.core.camera import CameraModel
+    from perception2d_ros.geometry.camera import CameraModel
 
     if not Path(path).is_file():
         raise FileNotFoundError(f"camera info YAML {path} does not exist")
@@ -91,7 +91,7 @@ def _load_camera_info(path: str | os.PathLike[str]) -> tuple[dict[str, Any], tup
 
 
 def _frames_from_images(files: list[Path]) -> Iterator[tuple[str, Any]]:
-    from perception2d_ros.core.image_files import read_image
+    from perception2d_ros.io.image_files import read_image
 
     for path in files:
         yield path.name, read_image(path)  # ImageFileError (a ValueError) if truncated
@@ -168,9 +168,9 @@ def make_bag(
     import cv2
     from tqdm import tqdm
 
-    from perception2d_ros.core.bagio import (BagWriter, camera_info_msg, compressed_image_msg,
+    from perception2d_ros.io.bagio import (BagWriter, camera_info_msg, compressed_image_msg,
                                              image_msg)
-    from perception2d_ros.core.image_codec import COMPRESSED_CODECS, encode_compressed
+    from perception2d_ros.io.image_codec import COMPRESSED_CODECS, encode_compressed
 
     if image_format not in ("raw", *COMPRESSED_CODECS):
         raise ValueError(f"image format must be raw, {' or '.join(COMPRESSED_CODECS)}, got "
@@ -286,7 +286,7 @@ def _fmt_time(ns: int | None) -> str:
 
 
 def format_info(info: dict[str, Any]) -> str:
-    """Human-readable form of :func:`perception2d_ros.core.bagio.bag_info`."""
+    """Human-readable form of :func:`perception2d_ros.io.bagio.bag_info`."""
     lines = [
         f"Path:      {info['path']}",
         f"Storage:   {info['storage']}",
@@ -340,7 +340,7 @@ def _cmd_make(args: argparse.Namespace) -> int:
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
-    from perception2d_ros.core.bagio import bag_info
+    from perception2d_ros.io.bagio import bag_info
 
     try:
         info = bag_info(args.bag)

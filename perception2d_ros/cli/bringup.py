@@ -27,7 +27,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def commands(args: argparse.Namespace) -> list[list[str]]:
-    from perception2d_ros.bringup import node_list
+    from perception2d_ros.ros.bringup import node_list
 
     extra = [a for a in getattr(args, "ros_args", []) if a != "--ros-args"]
     cmds = []
@@ -45,9 +45,9 @@ def preflight(params_file: str | None, pipeline: bool = True, check_files: bool 
     every parameter, model paths and files), so a mistake is one line here, not a node that
     sits unconfigured. Raises :class:`perception2d_ros.cli.errors.UserError` and model errors.
     """
-    from perception2d_ros.bringup import node_list
+    from perception2d_ros.ros.bringup import node_list
     from perception2d_ros.cli.errors import load_params
-    from perception2d_ros.core.model_params import check_model_files
+    from perception2d_ros.engines.model_params import check_model_files
 
     load_params(params_file)  # the file itself: present, YAML, a ROS params file
     try:

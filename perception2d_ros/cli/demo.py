@@ -1,5 +1,5 @@
 """``perception2d demo``: the main job on the embedded real sequence (or ``--bag``), over real
-ROS topics, with a report in ``demo_output/`` (see :mod:`perception2d_ros.demo`)."""
+ROS topics, with a report in ``demo_output/`` (see :mod:`perception2d_ros.demo.run`)."""
 from __future__ import annotations
 
 import argparse
@@ -7,7 +7,7 @@ from typing import Any
 
 
 def add_parser(sub: Any) -> None:
-    from perception2d_ros import demo
+    from perception2d_ros.demo import run as demo
 
     p = sub.add_parser("demo", help="bag play -> nodes -> bag record on the embedded real "
                                     "camera sequence (or --bag) and a report",
@@ -17,6 +17,6 @@ def add_parser(sub: Any) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from perception2d_ros import demo
+    from perception2d_ros.demo import run as demo
 
     return demo.run_args(args)

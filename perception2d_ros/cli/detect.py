@@ -12,7 +12,7 @@ import json
 import sys
 from typing import Any
 
-from perception2d_ros.core.engines import BACKEND_CHOICES
+from perception2d_ros.engines.engines import BACKEND_CHOICES
 
 DEFAULT_MODEL = "yolox_nano"
 
@@ -64,8 +64,8 @@ def add_eval_parser(eval_subparsers: Any) -> None:
 
 
 def _load(args: argparse.Namespace, **kw: Any) -> Any:
-    from perception2d_ros.core.engines import EngineConfig
-    from perception2d_ros.core.yolo import YoloDetector
+    from perception2d_ros.engines.engines import EngineConfig
+    from perception2d_ros.models.yolo.detector import YoloDetector
 
     cfg = EngineConfig(backend=args.backend, device=args.device, precision=args.precision,
                        threads=args.threads)
@@ -79,7 +79,7 @@ def _load(args: argparse.Namespace, **kw: Any) -> Any:
 
 
 def run_detect(args: argparse.Namespace) -> int:
-    from perception2d_ros.core.image_files import ImageFileError, read_image
+    from perception2d_ros.io.image_files import ImageFileError, read_image
 
     try:
         det = _load(args)
@@ -115,7 +115,7 @@ def run_detect(args: argparse.Namespace) -> int:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from perception2d_ros.core.coco_eval import evaluate_detector
+    from perception2d_ros.eval.coco import evaluate_detector
 
     try:
         det = _load(args, multi_label=args.multi_label)

@@ -24,14 +24,14 @@ DEBUG_ENV = "PERCEPTION2D_DEBUG"
 # missing or broken, a backend/device they asked for is not here. Looked up only in modules
 # already imported (an exception cannot come from a module that was never loaded).
 _USER_ERROR_CLASSES = (
-    ("perception2d_ros.core.model_store", "ModelFileError", 1),
-    ("perception2d_ros.core.engines", "EngineError", 1),   # incl. BackendUnavailable
-    ("perception2d_ros.core.sam", "SamError", 1),          # incl. SamWeightsMissing
-    ("perception2d_ros.core.pipeline", "StageUnavailable", 1),
-    ("perception2d_ros.core.fetch", "FetchError", 1),
-    ("perception2d_ros.core.clip.model", "CheckpointError", 1),
-    ("perception2d_ros.core.clip.model", "ClipModelUnavailable", 1),
-    ("perception2d_ros.core.lseg_model", "CheckpointError", 1),
+    ("perception2d_ros.engines.model_store", "ModelFileError", 1),
+    ("perception2d_ros.engines.engines", "EngineError", 1),   # incl. BackendUnavailable
+    ("perception2d_ros.models.sam.runtime", "SamError", 1),          # incl. SamWeightsMissing
+    ("perception2d_ros.pipeline.build", "StageUnavailable", 1),
+    ("perception2d_ros.engines.fetch", "FetchError", 1),
+    ("perception2d_ros.models.clip.model", "CheckpointError", 1),
+    ("perception2d_ros.models.clip.model", "ClipModelUnavailable", 1),
+    ("perception2d_ros.models.lseg.model", "CheckpointError", 1),
     ("perception2d_ros.cli.label", "LabelError", 1),
     ("perception2d_ros.cli.seglabels", "SegLabelsError", 1),
 )
@@ -143,9 +143,9 @@ def load_params(params_file: str | Path | None, node: str = "pipeline_node",
     is a :class:`UserError` naming the file and the parameter."""
     import yaml
 
-    from perception2d_ros.bringup import default_params_file, pipeline_config
-    from perception2d_ros.core.model_params import check_engine_params, confine_model_params
-    from perception2d_ros.core.pipeline import validate_config
+    from perception2d_ros.ros.bringup import default_params_file, pipeline_config
+    from perception2d_ros.engines.model_params import check_engine_params, confine_model_params
+    from perception2d_ros.pipeline.build import validate_config
 
     path = Path(params_file) if params_file else default_params_file()
     if not path.is_file():
@@ -181,7 +181,7 @@ def load_params(params_file: str | Path | None, node: str = "pipeline_node",
 
 def check_input_bag(path: str | Path) -> None:
     """Fail with one line unless ``path`` is a bag that opens (before any model is loaded)."""
-    from perception2d_ros.core.bagio import BagReader, find_interface_dirs
+    from perception2d_ros.io.bagio import BagReader, find_interface_dirs
 
     p = Path(path)
     if not p.exists():

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from perception2d_ros.core.engines import BACKEND_CHOICES
+from perception2d_ros.engines.engines import BACKEND_CHOICES
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 EXIT_FAIL = 1
@@ -88,7 +88,7 @@ def _err(msg: str) -> None:
 
 
 def parse_vocab(text: str | None) -> list[str]:
-    from perception2d_ros.core.clip.vocabulary import parse_phrases
+    from perception2d_ros.models.clip.vocabulary import parse_phrases
 
     if not text:
         raise LabelError("--vocab is required (e.g. --vocab \"a cat,a dog\" or @phrases.txt)")
@@ -140,7 +140,7 @@ def _images(items: Sequence[str | Path]) -> list[Path]:
 
 
 def _read(path: Path) -> Any:
-    from perception2d_ros.core.image_files import ImageFileError, read_image
+    from perception2d_ros.io.image_files import ImageFileError, read_image
 
     try:
         return read_image(path)
@@ -149,11 +149,11 @@ def _read(path: Path) -> Any:
 
 
 def build_labeler(args: argparse.Namespace, phrases: list[str]) -> Any:
-    from perception2d_ros.core.clip.labeler import ClipLabeler
-    from perception2d_ros.core.clip.model import (
+    from perception2d_ros.models.clip.labeler import ClipLabeler
+    from perception2d_ros.models.clip.model import (
         CheckpointError, ClipModelUnavailable, resolve_export)
-    from perception2d_ros.core.engines import EngineConfig, EngineError
-    from perception2d_ros.core.model_store import ModelFileError
+    from perception2d_ros.engines.engines import EngineConfig, EngineError
+    from perception2d_ros.engines.model_store import ModelFileError
 
     try:
         if args.checkpoint:

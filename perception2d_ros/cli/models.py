@@ -20,7 +20,7 @@ EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_UNAVAILABLE = 0, 1, 2, 3
 RANDOM_DIR = "random-weights"
 # A manifest names the module that exports a model; only the suite's own modules are
 # imported (a models directory handed over by someone else cannot run arbitrary code).
-EXPORT_MODULE_PREFIXES = ("perception2d_ros.core.",)
+EXPORT_MODULE_PREFIXES = ("perception2d_ros.models.",)
 
 
 def _err(msg: str) -> None:
@@ -109,7 +109,7 @@ def add_parser(subparsers: Any) -> None:
 
 # --------------------------------------------------------------------------- list
 def _rows(models_dir: str | None) -> list[dict[str, Any]]:
-    from perception2d_ros.core import fetch, model_store as ms
+    from perception2d_ros.engines import fetch, model_store as ms
 
     root = ms.models_dir(models_dir)
     rows = []
@@ -149,7 +149,7 @@ def _status(row: dict[str, Any]) -> str:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from perception2d_ros.core import model_store as ms
+    from perception2d_ros.engines import model_store as ms
 
     try:
         rows = _rows(args.models_dir)
@@ -191,7 +191,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------- fetch
 def cmd_fetch(args: argparse.Namespace) -> int:
-    from perception2d_ros.core import fetch, model_store as ms
+    from perception2d_ros.engines import fetch, model_store as ms
 
     manifest = ms.load_manifest(args.models_dir)
     unknown = [n for n in args.names if n not in manifest]
@@ -231,7 +231,7 @@ def cmd_fetch(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------- verify
 def cmd_verify(args: argparse.Namespace) -> int:
-    from perception2d_ros.core import fetch, model_store as ms
+    from perception2d_ros.engines import fetch, model_store as ms
 
     root = ms.models_dir(args.models_dir)
     try:
@@ -282,7 +282,7 @@ def _sample(models_dir: str | None) -> tuple[Path, Any, Any]:
     import cv2
     import numpy as np
 
-    from perception2d_ros.core import model_store as ms
+    from perception2d_ros.engines import model_store as ms
 
     entry = ms.load_manifest(models_dir)["sample_image"]
     candidates = [ms.entry_path(entry, models_dir), ms._source_models_dir() / entry.file]
@@ -308,7 +308,7 @@ def _smoke_run(path: Path, image_hw: tuple[int, int]) -> str:
     the parity check on the real image decides)."""
     import numpy as np
 
-    from perception2d_ros.core.engines import OrtEngine
+    from perception2d_ros.engines.engines import OrtEngine
 
     engine = OrtEngine(path, device="cpu", threads=2)
     try:
@@ -366,7 +366,7 @@ def _plain(value: Any) -> Any:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from perception2d_ros.core import model_store as ms
+    from perception2d_ros.engines import model_store as ms
 
     root = ms.models_dir(args.models_dir)
     manifest = ms.load_manifest(args.models_dir)
@@ -386,7 +386,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         _err(f"'{args.name}': export module '{recipe['module']}' is not one of the suite's "
              f"({', '.join(EXPORT_MODULE_PREFIXES)}*); refusing to import it")
         return EXIT_USAGE
-    from perception2d_ros.core.extras import MissingExtra, require_torch
+    from perception2d_ros.engines.extras import MissingExtra, require_torch
 
     try:
         require_torch(f"`perception2d models export {args.name}`")
@@ -561,7 +561,7 @@ def _parse_profiles(items: list[str]) -> dict[str, list[list[int]]]:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from perception2d_ros.core import engines, model_store as ms
+    from perception2d_ros.engines import engines, model_store as ms
 
     ok, why = engines.tensorrt_available()
     if not ok:

@@ -58,10 +58,10 @@ def process_bag(in_path: str | Path, out_path: str | Path, cfg: dict, *,
     from sensor_msgs.msg import CameraInfo, CompressedImage, Image
     from tqdm import tqdm
 
-    from perception2d_ros.core.bagio import (BagReader, BagWriter, find_camera_topics,
+    from perception2d_ros.io.bagio import (BagReader, BagWriter, find_camera_topics,
                                              find_interface_dirs, storage_for_path)
-    from perception2d_ros.core.flow import ApproximateSync, ErrorReporter, StampMatcher
-    from perception2d_ros.core.pipeline import build_pipeline
+    from perception2d_ros.pipeline.flow import ApproximateSync, ErrorReporter, StampMatcher
+    from perception2d_ros.pipeline.build import build_pipeline
     from perception2d_ros.ros.publishing import TOPIC_TYPES, FrameRunner
 
     msg_dirs = find_interface_dirs()
@@ -188,7 +188,7 @@ def _load_tf(reader, tf_topics: list[str], runner) -> None:
     from rclpy.serialization import deserialize_message
     from tf2_msgs.msg import TFMessage
 
-    from perception2d_ros.core.tf_buffer import TransformBuffer
+    from perception2d_ros.geometry.tf_buffer import TransformBuffer
 
     if not tf_topics:
         print("extrinsics.source tf: the bag has no /tf_static or /tf topic; ground positions "

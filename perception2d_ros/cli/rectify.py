@@ -32,8 +32,8 @@ def rectify_files(
     import cv2
     from tqdm import tqdm
 
-    from perception2d_ros.core.camera import CameraModel
-    from perception2d_ros.core.image_files import read_image
+    from perception2d_ros.geometry.camera import CameraModel
+    from perception2d_ros.io.image_files import read_image
 
     if not images:
         raise ValueError("no images given")

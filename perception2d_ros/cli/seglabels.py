@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from perception2d_ros.core.engines import BACKEND_CHOICES
+from perception2d_ros.engines.engines import BACKEND_CHOICES
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 DEFAULT_MODEL = "lseg_demo_e200"
@@ -120,7 +120,7 @@ def add_eval_parser(eval_subparsers: Any) -> None:
 def _cache_dir(args: argparse.Namespace) -> Path:
     if getattr(args, "cache_dir", None):
         return Path(args.cache_dir).expanduser()
-    from perception2d_ros.core.engines import default_cache_dir
+    from perception2d_ros.engines.engines import default_cache_dir
 
     return Path(default_cache_dir()) / "lseg"
 
@@ -137,7 +137,7 @@ def _no_weights_message(name: str, ckpt_path: Path | None) -> str:
 def resolve_model(args: argparse.Namespace) -> Path:
     """The LSeg image-encoder ONNX for ``--model`` / ``--checkpoint`` (exporting a
     ``--checkpoint`` once into the cache)."""
-    from perception2d_ros.core import model_store as ms
+    from perception2d_ros.engines import model_store as ms
 
     name = str(args.model)
     if name.endswith(".onnx") or Path(name).expanduser().suffix == ".onnx":
@@ -166,7 +166,7 @@ def resolve_model(args: argparse.Namespace) -> Path:
     if args.checkpoint:
         return _export_cached(arch, Path(args.checkpoint).expanduser(), args)
     if entry is None:
-        from perception2d_ros.core.lseg_model import ARCH_ALIASES, ARCHS
+        from perception2d_ros.models.lseg.model import ARCH_ALIASES, ARCHS
 
         if name not in ARCHS and name not in ARCH_ALIASES:
             known = [n for n, e in manifest.items() if e.kind == "lseg"]
@@ -182,8 +182,8 @@ def resolve_model(args: argparse.Namespace) -> Path:
 
 
 def _export_cached(arch: str, checkpoint: Path, args: argparse.Namespace) -> Path:
-    from perception2d_ros.core import model_store as ms
-    from perception2d_ros.core.lseg_model import export_onnx, onnx_file_name
+    from perception2d_ros.engines import model_store as ms
+    from perception2d_ros.models.lseg.model import export_onnx, onnx_file_name
 
     if not checkpoint.is_file():
         raise SegLabelsError(f"checkpoint not found: {checkpoint}")
@@ -225,11 +225,11 @@ def text_embeddings(phrases: Sequence[str], templates: Sequence[str], meta: Any,
 
 def text_cache(meta: Any, args: argparse.Namespace) -> Any:
     """The CLIP :class:`TextEmbeddingCache` for this LSeg model."""
-    from perception2d_ros.core.engines import EngineConfig
+    from perception2d_ros.engines.engines import EngineConfig
 
     try:
-        from perception2d_ros.core.clip import model as clip_model
-        from perception2d_ros.core.clip.vocabulary import TextEmbeddingCache
+        from perception2d_ros.models.clip import model as clip_model
+        from perception2d_ros.models.clip.vocabulary import TextEmbeddingCache
     except ImportError as exc:
         raise SegLabelsError(
             f"the CLIP text encoder is not available ({exc}); pass --text-embeds") from exc
@@ -240,7 +240,7 @@ def text_cache(meta: Any, args: argparse.Namespace) -> Any:
         if args.checkpoint:
             clip_ckpt = _clip_from_checkpoint(Path(args.checkpoint).expanduser(), args)
             if clip_ckpt is not None:
-                from perception2d_ros.core.lseg_model import CLIP_ARCH_OF_CHECKPOINT
+                from perception2d_ros.models.lseg.model import CLIP_ARCH_OF_CHECKPOINT
 
                 return TextEmbeddingCache.from_model(
                     None, checkpoint=clip_ckpt, arch=CLIP_ARCH_OF_CHECKPOINT,
@@ -262,8 +262,8 @@ def text_cache(meta: Any, args: argparse.Namespace) -> Any:
 
 def _clip_from_checkpoint(checkpoint: Path, args: argparse.Namespace) -> Path | None:
     """The CLIP state dict inside an LSeg checkpoint, extracted once into the cache."""
-    from perception2d_ros.core import model_store as ms
-    from perception2d_ros.core.lseg_model import extract_clip_checkpoint
+    from perception2d_ros.engines import model_store as ms
+    from perception2d_ros.models.lseg.model import extract_clip_checkpoint
 
     out = _cache_dir(args) / ms.sha256_file(checkpoint)[:16] / "clip_from_lseg.pt"
     if out.is_file():
@@ -272,10 +272,10 @@ def _clip_from_checkpoint(checkpoint: Path, args: argparse.Namespace) -> Path | 
 
 
 def _segmenter(onnx: Path, args: argparse.Namespace) -> Any:
-    from perception2d_ros.core.engines import EngineConfig
-    from perception2d_ros.core.lseg import LSegSegmenter
+    from perception2d_ros.engines.engines import EngineConfig
+    from perception2d_ros.models.lseg.labeler import LSegSegmenter
 
-    from perception2d_ros.core.lseg import parse_scales
+    from perception2d_ros.models.lseg.labeler import parse_scales
 
     ecfg = EngineConfig(backend=args.backend, device=args.device, precision=args.precision,
                         threads=args.threads)
@@ -314,7 +314,7 @@ def cmd_seglabels(args: argparse.Namespace) -> int:
 
 
 def _load_vocab(args: argparse.Namespace) -> Any:
-    from perception2d_ros.core.lseg import LSegVocabulary
+    from perception2d_ros.models.lseg.labeler import LSegVocabulary
 
     try:
         if args.vocab:
@@ -337,7 +337,7 @@ def _seglabels(args: argparse.Namespace) -> int:
     import cv2
     import numpy as np
 
-    from perception2d_ros.core.lseg import overlay, phrase_palette
+    from perception2d_ros.models.lseg.labeler import overlay, phrase_palette
 
     images = _list_images(args.images)
     vocab = _load_vocab(args)
@@ -353,7 +353,7 @@ def _seglabels(args: argparse.Namespace) -> int:
         out_dir = Path(args.output)
         out_dir.mkdir(parents=True, exist_ok=True)
         for path in images:
-            from perception2d_ros.core.image_files import ImageFileError, read_image
+            from perception2d_ros.io.image_files import ImageFileError, read_image
 
             try:
                 img = read_image(path)
@@ -385,14 +385,14 @@ def _seglabels(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------- eval seg
 def _parse_classes(text: str) -> list[str]:
-    from perception2d_ros.core.lseg import VOC_CLASSES
+    from perception2d_ros.models.lseg.labeler import VOC_CLASSES
 
     if text.strip().lower() == "voc":
         return list(VOC_CLASSES)
     p = Path(text).expanduser()
     if p.is_file():
         if p.suffix in (".yaml", ".yml"):
-            from perception2d_ros.core.lseg import LSegVocabulary
+            from perception2d_ros.models.lseg.labeler import LSegVocabulary
 
             return list(LSegVocabulary.from_yaml(p).phrases)
         return [ln.strip() for ln in p.read_text(encoding="utf-8").splitlines() if ln.strip()]
@@ -413,7 +413,7 @@ def read_ground_truth(label_path: Path, classes: Sequence[str], fmt: str = "auto
     import cv2
     import numpy as np
 
-    from perception2d_ros.core.lseg import map_names_to_classes, read_ade20k_label, read_voc_label
+    from perception2d_ros.models.lseg.labeler import map_names_to_classes, read_ade20k_label, read_voc_label
 
     if fmt == "auto":
         fmt = "ade20k" if label_path.name.endswith("_seg.png") else "voc"
@@ -440,7 +440,7 @@ def _eval_seg(args: argparse.Namespace) -> int:
     import cv2
     import numpy as np
 
-    from perception2d_ros.core.lseg import confusion_matrix, segmentation_metrics
+    from perception2d_ros.models.lseg.labeler import confusion_matrix, segmentation_metrics
 
     classes = _parse_classes(args.classes)
     if not classes:

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from perception2d_ros.core.engines import BACKEND_CHOICES
+from perception2d_ros.engines.engines import BACKEND_CHOICES
 
 
 def _floats(text: str, n: tuple[int, ...], what: str) -> list[float]:
@@ -105,8 +105,8 @@ def add_eval_parser(subparsers: Any) -> None:
 
 
 def _open_segmenter(args: argparse.Namespace) -> Any:
-    from perception2d_ros.core.engines import EngineConfig
-    from perception2d_ros.core.sam import SamSegmenter, resolve_model_files
+    from perception2d_ros.engines.engines import EngineConfig
+    from perception2d_ros.models.sam.runtime import SamSegmenter, resolve_model_files
 
     files = resolve_model_files(args.model, checkpoint=args.checkpoint, arch=args.arch,
                                 models_dir=args.models_dir, cache_dir=args.cache_dir)
@@ -134,11 +134,11 @@ def run_segment(args: argparse.Namespace) -> int:
     import cv2
     import numpy as np
 
-    from perception2d_ros.core.sam import SamError, instance_id_image, mask_bboxes
+    from perception2d_ros.models.sam.runtime import SamError, instance_id_image, mask_bboxes
 
     if not args.box and not args.point:
         return _fail("give at least one --box or --point prompt")
-    from perception2d_ros.core.image_files import ImageFileError, read_image
+    from perception2d_ros.io.image_files import ImageFileError, read_image
 
     try:
         image = read_image(args.image)
@@ -192,7 +192,7 @@ def run_segment(args: argparse.Namespace) -> int:
 
 
 def run_eval_masks(args: argparse.Namespace) -> int:
-    from perception2d_ros.core.sam import SamError, evaluate_coco_masks
+    from perception2d_ros.models.sam.runtime import SamError, evaluate_coco_masks
 
     if not Path(args.images).is_dir():
         return _fail(f"--images {args.images}: not a directory")

@@ -10,8 +10,8 @@ from builtin_interfaces.msg import Time
 from sensor_msgs.msg import CameraInfo, Image, RegionOfInterest
 from std_msgs.msg import Header
 
-from perception2d_ros.core.camera import CameraModel
-from perception2d_ros.core.image_codec import (array_to_image_fields, decode_compressed,
+from perception2d_ros.geometry.camera import CameraModel
+from perception2d_ros.io.image_codec import (array_to_image_fields, decode_compressed,
                                                image_to_array, message_buffer_of)
 
 
@@ -256,7 +256,7 @@ def detections_from_msg(msg: Any) -> Any:
     """Detection2DArray (from a detector node) → core Detections: the first hypothesis of
     each detection is its class and score (as detections_msg writes them). Class ids are
     not carried by vision_msgs; they are numbered by first appearance of each name."""
-    from perception2d_ros.core.detections import Detections
+    from perception2d_ros.models.detections import Detections
 
     xyxy, names, scores = [], [], []
     for d in msg.detections:

@@ -31,8 +31,8 @@ from rclpy.event_handler import SubscriptionEventCallbacks
 from rclpy.qos_overriding_options import QoSOverridingOptions
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image
 
-from perception2d_ros.core.flow import ApproximateSync, ErrorReporter, LatestSlot, error_key
-from perception2d_ros.core.pipeline import (INTERPOLATIONS, STAGE_GROUPS, STAGE_ORDER, Pipeline,
+from perception2d_ros.pipeline.flow import ApproximateSync, ErrorReporter, LatestSlot, error_key
+from perception2d_ros.pipeline.build import (INTERPOLATIONS, STAGE_GROUPS, STAGE_ORDER, Pipeline,
                                              build_pipeline, merge_config)
 from perception2d_ros.ros import conversions as conv
 from perception2d_ros.ros.publishing import FrameRunner
@@ -214,7 +214,7 @@ class PerceptionNode(LifecycleNode):
         p("detections_in_tracked", d["detections_in_tracked"], _desc(
             "separate sam/clip nodes: detections_in comes from a track_node, so its "
             "Detection2D.id are track ids (kept; CLIP accumulates labels per track)"))
-        from perception2d_ros.core.tracking import DESCRIPTIONS as TRACK
+        from perception2d_ros.models.tracking.bytetrack import DESCRIPTIONS as TRACK
 
         what = {"detect": "detector", "extrinsics": "camera pose in the base frame",
                 "track": "tracker", "sam": "SAM masks", "clip": "CLIP labels",
@@ -353,7 +353,7 @@ class PerceptionNode(LifecycleNode):
             cam.slot = LatestSlot(self._wake)
             cam.depth = None
             if depth_topic and self.runner.objects_enabled:
-                from perception2d_ros.core.flow import StampMatcher
+                from perception2d_ros.pipeline.flow import StampMatcher
 
                 # a frame waits for its depth at most 2 slops (min 50 ms) of wall time
                 cam.depth = StampMatcher(lambda item, depth, cam=cam: self._on_depth_pair(

@@ -6,7 +6,7 @@ from typing import Any
 
 from std_msgs.msg import Header
 
-from perception2d_ros.core.pipeline import Frame
+from perception2d_ros.pipeline.build import Frame
 from perception2d_ros.ros import conversions as conv
 
 # relative topic → message type name (for bag writers and subscribers)
@@ -68,7 +68,7 @@ def frame_messages(frame: Frame, header: Header, *, base_frame: str = "base_link
         out.append(("labels", conv.array_to_image_msg(
             lm.astype("uint8") if small else lm, "mono8" if small else "mono16", header)))
     if debug_image:
-        from perception2d_ros.core.debug_draw import draw_frame
+        from perception2d_ros.io.debug_draw import draw_frame
 
         out.append(("debug_image", conv.array_to_image_msg(draw_frame(frame), "bgr8", header)))
     return out
@@ -95,7 +95,7 @@ class FrameRunner:
         self.objects_enabled = detect is not None and bool(e["enabled"])
         self.use_tf = self.objects_enabled and e.get("source", "params") == "tf"
         if self.use_tf and tf_buffer is None:
-            from perception2d_ros.core.tf_buffer import TransformBuffer
+            from perception2d_ros.geometry.tf_buffer import TransformBuffer
 
             tf_buffer = TransformBuffer()
         self.tf_buffer = tf_buffer
@@ -106,7 +106,7 @@ class FrameRunner:
         (reported, throttled) while the TF chain is incomplete."""
         if not self.use_tf:
             return self._detect.extrinsics if self._detect is not None else None
-        from perception2d_ros.core.tf_buffer import TransformError
+        from perception2d_ros.geometry.tf_buffer import TransformError
 
         e = self.cfg["extrinsics"]
         try:
@@ -150,7 +150,7 @@ class FrameRunner:
             # TF is looked up after the models ran: /tf has had that long to reach the stamp
             extrinsics = self._frame_extrinsics(frame)
             if self.use_tf and extrinsics is not None and frame.camera is not None:
-                from perception2d_ros.core.pipeline import ground_positions
+                from perception2d_ros.pipeline.build import ground_positions
 
                 frame.extrinsics = extrinsics
                 frame.ground = ground_positions(frame, extrinsics,
@@ -173,7 +173,7 @@ class FrameRunner:
         return frame, msgs
 
     def _depth(self, depth_msg: Any) -> Any:
-        from perception2d_ros.core.objects3d import depth_to_metres
+        from perception2d_ros.geometry.objects3d import depth_to_metres
 
         try:
             return depth_to_metres(conv.image_msg_to_array(depth_msg), depth_msg.encoding)
@@ -182,7 +182,7 @@ class FrameRunner:
             return None
 
     def _objects(self, frame: Frame, extrinsics: Any) -> Any:
-        from perception2d_ros.core.objects3d import frame_objects
+        from perception2d_ros.geometry.objects3d import frame_objects
 
         plane = float(self.cfg["extrinsics"]["plane_height"])
         try:

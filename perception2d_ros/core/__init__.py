@@ -1,1 +1,0 @@
-"""ROS-free core: camera geometry, image codecs, engines, model wrappers. Never imports rclpy."""
