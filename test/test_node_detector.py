@@ -13,7 +13,8 @@ from sensor_msgs.msg import CameraInfo, Image  # noqa: E402
 from vision_msgs.msg import Detection2DArray, LabelInfo  # noqa: E402
 
 from perception2d_ros.io.bagio import BagReader, BagWriter, camera_info_msg, image_msg  # noqa: E402
-from perception2d_ros.geometry.camera import CameraModel, Extrinsics  # noqa: E402
+from perception2d_ros.geometry.camera import CameraModel  # noqa: E402
+from perception2d_ros.geometry.extrinsics import Extrinsics  # noqa: E402
 from perception2d_ros.models.yolo.detector import YoloDetector  # noqa: E402
 from perception2d_ros.ros.perception_node import PerceptionNode  # noqa: E402
 from ros_harness import BEST_EFFORT, LATCHED, RELIABLE, RosHarness, wait_for  # noqa: E402

@@ -26,7 +26,8 @@ import numpy as np
 import pytest
 import yaml
 
-from perception2d_ros.geometry.camera import BODY_TO_OPTICAL, CameraModel, Extrinsics
+from perception2d_ros.geometry.camera import CameraModel
+from perception2d_ros.geometry.extrinsics import BODY_TO_OPTICAL, Extrinsics
 from perception2d_ros.geometry.objects3d import lift_objects
 
 REPO = Path(__file__).resolve().parents[1]

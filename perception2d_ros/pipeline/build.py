@@ -378,11 +378,11 @@ def build_pipeline(cfg: dict[str, Any], log: Callable[[str], None] = LOG.info) -
         extr = None
         e = cfg["extrinsics"]
         if e["enabled"] and e.get("source", "params") == "params":
-            from perception2d_ros.geometry.camera import Extrinsics
+            from perception2d_ros.geometry.extrinsics import Extrinsics
 
             q = [float(v) for v in e.get("rotation_quaternion") or []]
             if any(q):  # camera body orientation as a quaternion [x, y, z, w] (URDF style)
-                from perception2d_ros.geometry.camera import BODY_TO_OPTICAL
+                from perception2d_ros.geometry.extrinsics import BODY_TO_OPTICAL
 
                 body = Extrinsics.from_quaternion(e["translation"], q,
                                                   parent_frame=e["parent_frame"])
