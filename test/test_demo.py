@@ -122,7 +122,8 @@ def test_bag_it_cannot_use_is_one_line(tmp_path):
 
 @pytest.mark.ros
 def test_bag_without_camera_info_is_one_line(tmp_path):
-    from perception2d_ros.io.bagio import BagWriter, image_msg
+    from perception2d_ros.io.bag_messages import image_msg
+    from perception2d_ros.io.bag_writer import BagWriter
 
     bag = tmp_path / "noinfo.mcap"
     with BagWriter(bag) as w:

@@ -181,7 +181,8 @@ def load_params(params_file: str | Path | None, node: str = "pipeline_node",
 
 def check_input_bag(path: str | Path) -> None:
     """Fail with one line unless ``path`` is a bag that opens (before any model is loaded)."""
-    from perception2d_ros.io.bagio import BagReader, find_interface_dirs
+    from perception2d_ros.io.bag_reader import BagReader
+    from perception2d_ros.io.bag_types import find_interface_dirs
 
     p = Path(path)
     if not p.exists():

@@ -58,8 +58,10 @@ def process_bag(in_path: str | Path, out_path: str | Path, cfg: dict, *,
     from sensor_msgs.msg import CameraInfo, CompressedImage, Image
     from tqdm import tqdm
 
-    from perception2d_ros.io.bagio import (BagReader, BagWriter, find_camera_topics,
-                                             find_interface_dirs, storage_for_path)
+    from perception2d_ros.io.bag_reader import BagReader
+    from perception2d_ros.io.bag_topics import find_camera_topics
+    from perception2d_ros.io.bag_types import find_interface_dirs
+    from perception2d_ros.io.bag_writer import BagWriter, storage_for_path
     from perception2d_ros.pipeline.flow import ApproximateSync, ErrorReporter, StampMatcher
     from perception2d_ros.pipeline.build import build_pipeline
     from perception2d_ros.ros.publishing import TOPIC_TYPES, FrameRunner

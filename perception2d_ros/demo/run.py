@@ -94,7 +94,8 @@ def build_demo_bag(seq: Any, out: Path, compressed: bool, limit: int | None = No
     import cv2
     from tqdm import tqdm
 
-    from perception2d_ros.io.bagio import BagWriter, camera_info_msg, image_msg, ns_to_stamp
+    from perception2d_ros.io.bag_messages import camera_info_msg, image_msg, ns_to_stamp
+    from perception2d_ros.io.bag_writer import BagWriter
 
     ns = seq.namespace
     image_topic = f"{ns}/image_raw/compressed" if compressed else f"{ns}/image_raw"
@@ -139,7 +140,7 @@ def inspect_bag(bag: Path) -> dict[str, Any]:
     Raises:
         DemoError: unreadable bag, no camera image topic, or no camera_info beside it.
     """
-    from perception2d_ros.io.bagio import bag_info, find_camera_topics
+    from perception2d_ros.io.bag_topics import bag_info, find_camera_topics
 
     if not Path(bag).exists():
         raise DemoError(f"{bag} does not exist")
@@ -174,7 +175,7 @@ def play_lockstep(bag: Path, topics: list[str], image_topic: str, outputs: Any,
 
     from tqdm import tqdm
 
-    from perception2d_ros.io.bagio import BagReader
+    from perception2d_ros.io.bag_reader import BagReader
     from perception2d_ros.ros.bag_play import (_wait_for_subscribers, get_msg_class,
                                                qos_for_topic, ros_node)
 
@@ -222,7 +223,7 @@ def run_nodes(bag: Path, cam: dict[str, Any], params_file: Path, out_bag: Path,
     """bag play -> ``perception2d bringup`` -> bag record, with progress bars."""
     from tqdm import tqdm
 
-    from perception2d_ros.io.bagio import find_interface_dirs
+    from perception2d_ros.io.bag_types import find_interface_dirs
     from perception2d_ros.ros.bag_play import play
     from perception2d_ros.ros.bag_record import record
 
@@ -418,7 +419,8 @@ def summarize(in_bag: Path, out_bag: Path, out_dir: Path, cam: dict[str, Any],
     from concurrent.futures import ThreadPoolExecutor
     from tqdm import tqdm
 
-    from perception2d_ros.io.bagio import BagReader, find_interface_dirs
+    from perception2d_ros.io.bag_reader import BagReader
+    from perception2d_ros.io.bag_types import find_interface_dirs
     from perception2d_ros.geometry.camera import CameraModel
     from perception2d_ros.demo.report import (FrameView, annotate_frame, contact_sheet,
                                                    plot_summary)
