@@ -267,7 +267,7 @@ class Run:
     # ------------------------------------------------------------------ floors
     def floors(self) -> dict[str, Any]:
         """Raw engine calls on device tensors (fp16, CUDA graph): the stage floors."""
-        from perception2d_ros.engines.engines import EngineConfig, create_engine
+        from perception2d_ros.engines.factory import EngineConfig, create_engine
 
         torch = self.torch
         cfg = EngineConfig(backend="torch", device=self.device,
@@ -316,7 +316,7 @@ class Run:
         """The fp16 CUDA path vs the fp32 host reference path on real frames: detections,
         SAM masks (MobileSAM), CLIP embeddings."""
         from perception2d_ros.models.clip.labeler import ClipLabeler
-        from perception2d_ros.engines.engines import EngineConfig
+        from perception2d_ros.engines.factory import EngineConfig
         from perception2d_ros.models.sam.runtime import SamSegmenter, mask_iou
         from perception2d_ros.models.yolo.detector import YoloDetector
 
