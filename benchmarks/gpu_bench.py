@@ -8,7 +8,7 @@ Sections (each in its own try/except: a failure is recorded in the JSON, never f
 
 a) ``yolox_nano``: the real ``models/yolox_nano.onnx`` (its weights and graph) run by torch
    through ``perception2d_ros.engines.onnx_torch`` (a small ONNX→torch interpreter; onnx2torch
-   and the YOLOX sources are not needed) inside our ``engines.TorchEngine``: fp32 eager,
+   and the YOLOX sources are not needed) inside our ``torch_backend.TorchEngine``: fp32 eager,
    fp16 eager, fp16 + CUDA graph, batch 1, 416×416. ``engine.infer`` = numpy in → numpy out
    (H2D + model + D2H); ``device_forward`` = the model on a device tensor only. Parity
    against ONNX Runtime (CPU) on a real frame. ONNX Runtime CPU on this machine for reference.

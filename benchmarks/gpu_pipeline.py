@@ -6,7 +6,7 @@ the nodes run) at 1280×720, paced at 30 Hz and flat out — one prepared script
     python3 benchmarks/gpu_pipeline.py --device cpu --quick --out /tmp/p.json   # smoke test
 
 Chains measured (every model on the torch backend = the exported ONNX graph run by
-``core/onnx_torch``, fp16, CUDA graphs; frames on the device, ``detect.device_frames``):
+``engines/onnx_torch``, fp16, CUDA graphs; frames on the device, ``detect.device_frames``):
 
 * ``rectify+detect``: camerav1 calibration, YOLOX-nano (the shipped weights);
 * ``+sam_vit_t+clip``: + MobileSAM on every box + CLIP ViT-B/32 crop labels and frame label;
