@@ -67,7 +67,6 @@ def _raise_if_unparsable(onnx_path: str | Path, exc: BaseException) -> None:
         f"an ONNX model, so no backend can run it; {what}") from exc
 
 
-
 def _nvidia_device_present() -> bool:
     """A cheap look for an NVIDIA GPU (device nodes) before importing torch to ask."""
     return any(os.path.exists(p) for p in ("/dev/nvidiactl", "/dev/nvidia0",
