@@ -6,7 +6,7 @@ the nodes run) at 1280×720, paced at 30 Hz and flat out — one prepared script
     python3 benchmarks/gpu_pipeline.py --device cpu --quick --out /tmp/p.json   # smoke test
 
 Chains measured (every model on the torch backend = the exported ONNX graph run by
-``core/onnx_torch``, fp16, CUDA graphs; frames on the device, ``detect.device_frames``):
+``engines/onnx_torch``, fp16, CUDA graphs; frames on the device, ``detect.device_frames``):
 
 * ``rectify+detect``: camerav1 calibration, YOLOX-nano (the shipped weights);
 * ``+sam_vit_t+clip``: + MobileSAM on every box + CLIP ViT-B/32 crop labels and frame label;
@@ -267,7 +267,7 @@ class Run:
     # ------------------------------------------------------------------ floors
     def floors(self) -> dict[str, Any]:
         """Raw engine calls on device tensors (fp16, CUDA graph): the stage floors."""
-        from perception2d_ros.engines.engines import EngineConfig, create_engine
+        from perception2d_ros.engines.factory import EngineConfig, create_engine
 
         torch = self.torch
         cfg = EngineConfig(backend="torch", device=self.device,
@@ -316,7 +316,7 @@ class Run:
         """The fp16 CUDA path vs the fp32 host reference path on real frames: detections,
         SAM masks (MobileSAM), CLIP embeddings."""
         from perception2d_ros.models.clip.labeler import ClipLabeler
-        from perception2d_ros.engines.engines import EngineConfig
+        from perception2d_ros.engines.factory import EngineConfig
         from perception2d_ros.models.sam.runtime import SamSegmenter, mask_iou
         from perception2d_ros.models.yolo.detector import YoloDetector
 

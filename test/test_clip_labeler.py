@@ -17,7 +17,7 @@ from perception2d_ros.models.clip.preprocess import (
     MEAN_RGB_U8, preprocess_bgr, square_box, square_crop, to_rgb)
 from perception2d_ros.models.clip.vocabulary import (
     DEFAULT_TEMPLATES, TextEmbeddingCache, Vocabulary, normalize_templates)
-from perception2d_ros.engines.engines import EngineConfig
+from perception2d_ros.engines.factory import EngineConfig
 
 COCO_IMAGES = sorted((Path(__file__).parent / "data" / "coco" / "images").glob("*.jpg"))
 CPU = EngineConfig(backend="onnxruntime", device="cpu")

@@ -32,7 +32,7 @@ from perception2d_ros.models.clip.labeler import ClipLabeler  # noqa: E402
 from perception2d_ros.models.clip.preprocess import (  # noqa: E402
     preprocess_bgr, preprocess_crops_bgr, square_crop, to_rgb)
 from perception2d_ros.models.clip.vocabulary import DEFAULT_TEMPLATES  # noqa: E402
-from perception2d_ros.engines.engines import EngineConfig  # noqa: E402
+from perception2d_ros.engines.factory import EngineConfig  # noqa: E402
 from perception2d_ros.engines.model_store import sha256_file  # noqa: E402
 
 pytestmark = pytest.mark.slow

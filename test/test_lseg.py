@@ -186,7 +186,7 @@ def small_net():
 
 @pytest.fixture(scope="module")
 def small_segmenter(small_export):
-    from perception2d_ros.engines.engines import EngineConfig
+    from perception2d_ros.engines.factory import EngineConfig
 
     seg = L.LSegSegmenter.from_onnx(small_export["image"],
                                     EngineConfig(backend="onnxruntime", device="cpu"))
@@ -479,7 +479,7 @@ def test_constructed_end_to_end_module(tmp_path):
     """A module whose head outputs a known embedding (head1 weight 0, bias = phrase 2's
     embedding) exported to ONNX: every pixel of a real image is phrase 2; reordering the
     vocabulary moves the index, the engine is untouched."""
-    from perception2d_ros.engines.engines import EngineConfig
+    from perception2d_ros.engines.factory import EngineConfig
 
     text = _orthonormal(4, seed=4)
     net = M.build_model(SMALL, seed=1)
@@ -817,7 +817,8 @@ def test_cli_refuses_a_clip_of_the_wrong_architecture(small_export, tmp_path, mo
 def test_torch_backend_matches_onnxruntime_on_real_images(small_export, small_segmenter):
     """The LSeg image graph run by torch (``backend: torch``, the GPU backend where only
     torch + CUDA exist; here on the CPU) gives ORT's pixel embeddings on real images."""
-    from perception2d_ros.engines.engines import EngineConfig, TorchEngine
+    from perception2d_ros.engines.factory import EngineConfig
+    from perception2d_ros.engines.torch_backend import TorchEngine
 
     seg = L.LSegSegmenter.from_onnx(small_export["image"],
                                     EngineConfig(backend="torch", device="cpu", fallback=False))

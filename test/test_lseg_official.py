@@ -30,7 +30,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from perception2d_ros.models.lseg import labeler as L  # noqa: E402
 from perception2d_ros.models.lseg import model as M  # noqa: E402
-from perception2d_ros.engines.engines import EngineConfig  # noqa: E402
+from perception2d_ros.engines.factory import EngineConfig  # noqa: E402
 
 DATA = Path(__file__).resolve().parent / "data"
 SMALL, SIZE, SEED = "lseg_test_small", 256, 3

@@ -308,7 +308,7 @@ def _smoke_run(path: Path, image_hw: tuple[int, int]) -> str:
     the parity check on the real image decides)."""
     import numpy as np
 
-    from perception2d_ros.engines.engines import OrtEngine
+    from perception2d_ros.engines.onnxruntime_backend import OrtEngine
 
     engine = OrtEngine(path, device="cpu", threads=2)
     try:
@@ -561,9 +561,12 @@ def _parse_profiles(items: list[str]) -> dict[str, list[list[int]]]:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from perception2d_ros.engines import engines, model_store as ms
+    from perception2d_ros.engines import model_store as ms
+    from perception2d_ros.engines.base import EngineError, default_cache_dir, onnx_sha256
+    from perception2d_ros.engines.tensorrt_backend import (TensorRTEngine, engine_cache_key,
+                                                           tensorrt_available)
 
-    ok, why = engines.tensorrt_available()
+    ok, why = tensorrt_available()
     if not ok:
         _err(f"cannot build a TensorRT engine on this machine: {why}. Build on the target "
              f"machine (CUDA GPU + TensorRT 10+): `perception2d models build {args.name} "
@@ -583,14 +586,14 @@ def cmd_build(args: argparse.Namespace) -> int:
     except ValueError as exc:
         _err(str(exc))
         return EXIT_USAGE
-    cache_dir = Path(args.cache_dir) if args.cache_dir else engines.default_cache_dir()
+    cache_dir = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
     if args.check:
         import tensorrt as trt
         import torch
 
         props = torch.cuda.get_device_properties(0)
-        key = engines.engine_cache_key(
-            engines.onnx_sha256(path), args.precision,
+        key = engine_cache_key(
+            onnx_sha256(path), args.precision,
             {k: [tuple(s) for s in v] for k, v in profiles.items()},
             trt.__version__, props.name, f"{props.major}.{props.minor}")
         engine_path = cache_dir / "trt" / f"{path.stem}-{args.precision}-{key}.engine"
@@ -615,11 +618,11 @@ def cmd_build(args: argparse.Namespace) -> int:
     progress(f"building {args.precision} engine for {path.name} (workspace "
              f"{args.workspace} MiB) — this can take minutes")
     try:
-        engine = engines.TensorRTEngine(
+        engine = TensorRTEngine(
             path, precision=args.precision, profiles=profiles, cache_dir=cache_dir,
             workspace_mb=args.workspace, rebuild=args.rebuild,
             int8_calibration_cache=args.calibration_cache, progress=progress)
-    except engines.EngineError as exc:
+    except EngineError as exc:
         _err(str(exc))
         return EXIT_FAIL
     print(f"engine: {engine.engine_path} ({time.monotonic() - t0:.1f} s)")

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from perception2d_ros.engines.engines import BACKEND_CHOICES
+from perception2d_ros.engines.base import BACKEND_CHOICES
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 DEFAULT_MODEL = "lseg_demo_e200"
@@ -120,7 +120,7 @@ def add_eval_parser(eval_subparsers: Any) -> None:
 def _cache_dir(args: argparse.Namespace) -> Path:
     if getattr(args, "cache_dir", None):
         return Path(args.cache_dir).expanduser()
-    from perception2d_ros.engines.engines import default_cache_dir
+    from perception2d_ros.engines.base import default_cache_dir
 
     return Path(default_cache_dir()) / "lseg"
 
@@ -225,7 +225,7 @@ def text_embeddings(phrases: Sequence[str], templates: Sequence[str], meta: Any,
 
 def text_cache(meta: Any, args: argparse.Namespace) -> Any:
     """The CLIP :class:`TextEmbeddingCache` for this LSeg model."""
-    from perception2d_ros.engines.engines import EngineConfig
+    from perception2d_ros.engines.factory import EngineConfig
 
     try:
         from perception2d_ros.models.clip import model as clip_model
@@ -272,7 +272,7 @@ def _clip_from_checkpoint(checkpoint: Path, args: argparse.Namespace) -> Path | 
 
 
 def _segmenter(onnx: Path, args: argparse.Namespace) -> Any:
-    from perception2d_ros.engines.engines import EngineConfig
+    from perception2d_ros.engines.factory import EngineConfig
     from perception2d_ros.models.lseg.labeler import LSegSegmenter
 
     from perception2d_ros.models.lseg.labeler import parse_scales

@@ -363,7 +363,7 @@ def build_pipeline(cfg: dict[str, Any], log: Callable[[str], None] = LOG.info) -
         stages.append(RectifyStage(INTERPOLATIONS[cfg["interpolation"]],
                                    cfg["output_encoding"]))
     if "detect" in cfg["stages"]:
-        from perception2d_ros.engines.engines import EngineConfig
+        from perception2d_ros.engines.factory import EngineConfig
         from perception2d_ros.models.yolo.detector import YoloDetector
 
         d = cfg["detect"]

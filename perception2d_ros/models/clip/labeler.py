@@ -95,7 +95,8 @@ class ClipLabeler:
                  text_cache_dir: str | Path | bool | None = True, padding: float = 0.1,
                  max_batch: int = 32, text_engine_config: Any = None) -> None:
         from perception2d_ros.models.clip.model import read_sidecar
-        from perception2d_ros.engines.engines import EngineConfig, create_engine, default_cache_dir
+        from perception2d_ros.engines.base import default_cache_dir
+        from perception2d_ros.engines.factory import EngineConfig, create_engine
 
         self.meta_path = _sidecar_path(model)
         self.meta = read_sidecar(self.meta_path)

@@ -84,7 +84,7 @@ def onnx_names(arch: str) -> dict[str, str]:
 
 def cache_root() -> Path:
     """Where ``--checkpoint`` exports are cached: ``$PERCEPTION2D_CACHE_DIR/clip``."""
-    from perception2d_ros.engines.engines import default_cache_dir
+    from perception2d_ros.engines.base import default_cache_dir
 
     return Path(default_cache_dir()) / "clip"
 
@@ -817,7 +817,7 @@ def parity_check(arch: str, checkpoint: str | Path | None, exported: Mapping[str
     from perception2d_ros.models.clip.labeler import ClipLabeler
     from perception2d_ros.models.clip.preprocess import (
         preprocess_bgr, preprocess_crops_bgr, square_crop, to_rgb)
-    from perception2d_ros.engines.engines import EngineConfig
+    from perception2d_ros.engines.factory import EngineConfig
 
     phrases = phrases or DEFAULT_PARITY_PHRASES
     labeler = ClipLabeler(exported["meta"], EngineConfig(backend="onnxruntime", device="cpu"),

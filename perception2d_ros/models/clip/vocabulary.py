@@ -320,7 +320,8 @@ def text_cache_for(text_onnx: str | Path, engine_config: Any = None,
                    cache_dir: str | Path | None | bool = True, **kwargs: Any) -> TextEmbeddingCache:
     """A cache over an exported text tower (for LSeg and others). ``cache_dir=True`` uses
     ``$PERCEPTION2D_CACHE_DIR/clip_text``; ``None``/``False`` keeps it in memory only."""
-    from perception2d_ros.engines.engines import EngineConfig, create_engine, default_cache_dir
+    from perception2d_ros.engines.base import default_cache_dir
+    from perception2d_ros.engines.factory import EngineConfig, create_engine
     from perception2d_ros.engines.model_store import sha256_file
 
     import copy

@@ -789,7 +789,7 @@ class LSegSegmenter:
     def from_onnx(cls, onnx_path: str | Path, config: Any = None, *,
                   other_value: int = DEFAULT_OTHER, scales: Any = (1.0,),
                   flip: bool = False) -> "LSegSegmenter":
-        from perception2d_ros.engines.engines import create_engine
+        from perception2d_ros.engines.factory import create_engine
 
         path = Path(onnx_path)
         meta = LSegMeta.from_sidecar(path.with_suffix(".json"))

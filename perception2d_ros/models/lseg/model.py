@@ -686,7 +686,7 @@ def parity_check(arch: str | LSegArch, checkpoint: str | Path | None,
     of the pixel embeddings, min/mean per-pixel cosine, and agreement of the stride-2 label
     maps for ``text_embeds`` (default: :func:`prototype_embeddings` of the torch output).
     ``passed`` checks :data:`PARITY_TOLERANCES`."""
-    from perception2d_ros.engines.engines import EngineConfig, create_engine
+    from perception2d_ros.engines.factory import EngineConfig, create_engine
     from perception2d_ros.models.lseg.labeler import LSegMeta, preprocess
 
     tol = dict(PARITY_TOLERANCES, **(tolerances or {}))

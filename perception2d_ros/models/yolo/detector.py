@@ -236,7 +236,7 @@ class YoloDetector:
         Extra keyword arguments go to :class:`YoloDetector` (``multi_label``, ...).
         """
         from perception2d_ros.engines import model_store
-        from perception2d_ros.engines.engines import create_engine
+        from perception2d_ros.engines.factory import create_engine
 
         path, entry = model_store.resolve(name_or_path, models_dir, allow_outside=allow_outside)
         engine = create_engine(path, engine_config)
