@@ -89,7 +89,7 @@ def test_gt_boxes_map_to_rectified_pixels(seq):
 
 
 def test_plan_params_lists_stages_without_weights_once(tmp_path):
-    from perception2d_ros.demo.run import plan_params
+    from perception2d_ros.demo.inputs import plan_params
 
     params = {"stages": ["rectify", "detect", "sam", "clip"], "models_dir": str(tmp_path),
               "extrinsics.enabled": True}

@@ -471,10 +471,10 @@ def parity_check(arch, checkpoint, exported, image_bgr, boxes):
 def fake_export(tmp_path, monkeypatch):
     """A models dir whose manifest has one entry exported by a tiny stand-in module that
     follows the stage modules' export_onnx/parity_check contract."""
-    from perception2d_ros.cli import models as cli
+    from perception2d_ros.cli import models_export
 
-    monkeypatch.setattr(cli, "EXPORT_MODULE_PREFIXES", cli.EXPORT_MODULE_PREFIXES
-                        + ("p2d_fake_export",))
+    monkeypatch.setattr(models_export, "EXPORT_MODULE_PREFIXES",
+                        models_export.EXPORT_MODULE_PREFIXES + ("p2d_fake_export",))
     mod_dir = tmp_path / "mods"
     mod_dir.mkdir()
     (mod_dir / "p2d_fake_export.py").write_text(FAKE_EXPORT)
@@ -571,7 +571,7 @@ def test_export_parity_failure_fails_the_command(fake_export, capsys):
 
 
 def test_build_profile_parsing():
-    from perception2d_ros.cli.models import _parse_profiles
+    from perception2d_ros.cli.models_build import _parse_profiles
 
     assert _parse_profiles(["x=1x3/4x3/8x3", "y=1/2/3"]) == {
         "x": [[1, 3], [4, 3], [8, 3]], "y": [[1], [2], [3]]}

@@ -1,8 +1,9 @@
 """The ``make demo`` sequence: a real camera's frames, calibration, TF chain and 2D ground
 truth, described by ``config/demo.yaml`` — and the ground-truth check of the demo's output.
 
-ROS-free: plain YAML/numpy. The demo (``perception2d_ros.demo.run``) turns a :class:`Sequence`
-into a robot-like bag and compares the recorded detections with :func:`gt_recall`.
+ROS-free: plain YAML/numpy. The demo turns a :class:`Sequence` into a robot-like bag
+(``perception2d_ros.demo.inputs``) and compares the recorded detections with :func:`gt_recall`
+(``perception2d_ros.demo.summary``).
 """
 from __future__ import annotations
 
