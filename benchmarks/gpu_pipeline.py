@@ -114,7 +114,7 @@ class Run:
 
     def export(self) -> dict[str, Any]:
         from perception2d_ros.models.sam import export as sam_export
-        from perception2d_ros.models.clip import model as clip_model
+        from perception2d_ros.models.clip import export as clip_export
 
         root = Path(tempfile.mkdtemp(prefix="p2d_exports_"))
         res = {}
@@ -125,7 +125,7 @@ class Run:
                                                                  seed=0)
             res[f"sam_{arch}_s"] = round(time.perf_counter() - t, 1)
         t = time.perf_counter()
-        self.exports["clip"] = clip_model.export_onnx("ViT-B-32", None, root / "clip", seed=0)
+        self.exports["clip"] = clip_export.export_onnx("ViT-B-32", None, root / "clip", seed=0)
         res["clip_b32_s"] = round(time.perf_counter() - t, 1)
         return res
 

@@ -725,7 +725,7 @@ def test_clip_in_lseg_checkpoint_loads_in_clip_module(tmp_path):
     net.clip_pretrained.*: extracted, it loads strictly into our CLIP module as
     ViT-B-32-quickgelu (OpenAI weights use QuickGELU) with identical weights."""
     open_clip = pytest.importorskip("open_clip")
-    from perception2d_ros.models.clip import model as clip_model
+    from perception2d_ros.models.clip.checkpoint import load_clip
 
     with torch.device("meta"):                               # names and shapes only
         layout = open_clip.create_model("ViT-B-32-quickgelu", pretrained=None,
@@ -738,7 +738,7 @@ def test_clip_in_lseg_checkpoint_loads_in_clip_module(tmp_path):
     ckpt = tmp_path / "lseg.ckpt"
     torch.save({"state_dict": sd, "epoch": 1}, ckpt)
     out = M.extract_clip_checkpoint(ckpt, tmp_path / "clip.pt")
-    clip = clip_model.load_clip(M.CLIP_ARCH_OF_CHECKPOINT, out)
+    clip = load_clip(M.CLIP_ARCH_OF_CHECKPOINT, out)
     got = clip.state_dict()
     assert set(got) == set(ref_sd)
     assert all(torch.equal(ref_sd[k].float(), got[k]) for k in ref_sd)
@@ -800,12 +800,12 @@ def test_cli_checkpoint_uses_its_own_clip(small_export, tmp_path, monkeypatch, c
 
 def test_cli_refuses_a_clip_of_the_wrong_architecture(small_export, tmp_path, monkeypatch,
                                                       capsys):
-    from perception2d_ros.models.clip import model as clip_model
+    from perception2d_ros.models.clip import resolve as clip_resolve
 
     sidecar = tmp_path / "clip_ViT-B-16.json"
     sidecar.write_text(json.dumps({"arch": "ViT-B-16", "image_onnx": {}, "text_onnx": {},
                                    "logit_scale": 100.0, "image_size": 224}))
-    monkeypatch.setattr(clip_model, "resolve_export", lambda *a, **k: sidecar)
+    monkeypatch.setattr(clip_resolve, "resolve_export", lambda *a, **k: sidecar)
     img = tmp_path / "a.png"
     cv2.imwrite(str(img), np.zeros((16, 16, 3), np.uint8))
     rc = _main(["seglabels", "--model", str(small_export["image"]), "--text-model",

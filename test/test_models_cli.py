@@ -399,15 +399,15 @@ def test_export_without_checkpoint_says_how_to_get_it(tmp_path, capsys):
     d = tmp_path / "m"
     d.mkdir()
     rc, _, err = run_cli(capsys, "export", "clip_vit_b32", "--models-dir", str(d))
-    if not _has("perception2d_ros.models.clip.model"):
+    if not _has("perception2d_ros.models.clip.parity"):
         assert rc == 3 and "not available" in err
         return
     assert rc == 1 and "models fetch clip_vit_b32" in err
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not _has("perception2d_ros.models.clip.model"),
-                    reason="perception2d_ros.models.clip.model (CLIP export) not in this build")
+@pytest.mark.skipif(not _has("perception2d_ros.models.clip.parity"),
+                    reason="perception2d_ros.models.clip.parity (CLIP export) not in this build")
 def test_export_clip_random_weights_records_sha256(tmp_path, capsys):
     d = tmp_path / "m"
     d.mkdir()

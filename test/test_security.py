@@ -190,7 +190,7 @@ class _Payload:
 
 
 def _loaders():
-    from perception2d_ros.models.clip.model import read_state_dict
+    from perception2d_ros.models.clip.checkpoint import read_state_dict
     from perception2d_ros.models.lseg.model import read_checkpoint
     from perception2d_ros.models.sam.export import load_state_dict
 

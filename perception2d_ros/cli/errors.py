@@ -29,8 +29,8 @@ _USER_ERROR_CLASSES = (
     ("perception2d_ros.models.sam.runtime", "SamError", 1),          # incl. SamWeightsMissing
     ("perception2d_ros.pipeline.build", "StageUnavailable", 1),
     ("perception2d_ros.engines.fetch", "FetchError", 1),
-    ("perception2d_ros.models.clip.model", "CheckpointError", 1),
-    ("perception2d_ros.models.clip.model", "ClipModelUnavailable", 1),
+    ("perception2d_ros.models.clip.checkpoint", "CheckpointError", 1),
+    ("perception2d_ros.models.clip.resolve", "ClipModelUnavailable", 1),
     ("perception2d_ros.models.lseg.model", "CheckpointError", 1),
     ("perception2d_ros.cli.label", "LabelError", 1),
     ("perception2d_ros.cli.seglabels", "SegLabelsError", 1),

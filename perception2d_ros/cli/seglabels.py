@@ -228,7 +228,8 @@ def text_cache(meta: Any, args: argparse.Namespace) -> Any:
     from perception2d_ros.engines.factory import EngineConfig
 
     try:
-        from perception2d_ros.models.clip import model as clip_model
+        from perception2d_ros.models.clip import export as clip_export
+        from perception2d_ros.models.clip import resolve as clip_resolve
         from perception2d_ros.models.clip.vocabulary import TextEmbeddingCache
     except ImportError as exc:
         raise SegLabelsError(
@@ -245,8 +246,8 @@ def text_cache(meta: Any, args: argparse.Namespace) -> Any:
                 return TextEmbeddingCache.from_model(
                     None, checkpoint=clip_ckpt, arch=CLIP_ARCH_OF_CHECKPOINT,
                     engine_config=ecfg)
-        sidecar = clip_model.resolve_export(args.text_model, models_dir=args.models_dir)
-        arch = str(clip_model.read_sidecar(sidecar)["arch"]).replace("-quickgelu", "")
+        sidecar = clip_resolve.resolve_export(args.text_model, models_dir=args.models_dir)
+        arch = str(clip_export.read_sidecar(sidecar)["arch"]).replace("-quickgelu", "")
         if arch != want:
             raise SegLabelsError(
                 f"--text-model {args.text_model} is CLIP {arch}; this LSeg model was trained "
