@@ -582,20 +582,20 @@ def test_build_profile_parsing():
 
 @pytest.mark.slow
 def test_export_lseg_small_random_weights_with_the_real_module(tmp_path, capsys):
-    """The CLI path end to end with a real stage module: lseg_model's reduced test
+    """The CLI path end to end with a real stage module: lseg_net's reduced test
     architecture (random weights), ONNX Runtime smoke run, parity on the shipped image."""
     pytest.importorskip("torch")
-    if not _has("perception2d_ros.models.lseg.model"):
-        pytest.skip("perception2d_ros.models.lseg.model not in this build")
-    from perception2d_ros.models.lseg import model as lseg_model
+    if not _has("perception2d_ros.models.lseg.export"):
+        pytest.skip("perception2d_ros.models.lseg.export not in this build")
+    from perception2d_ros.models.lseg import net as lseg_net
 
-    if "lseg_test_small" not in getattr(lseg_model, "ARCHS", {}):
-        pytest.skip("lseg_model has no reduced test architecture")
+    if "lseg_test_small" not in getattr(lseg_net, "ARCHS", {}):
+        pytest.skip("lseg_net has no reduced test architecture")
     d = tmp_path / "models"
     d.mkdir()
     raw = yaml.safe_load((MODELS / ms.MANIFEST).read_text())
     spec = dict(raw["models"]["lseg_demo_e200"])
-    spec["export"] = {"module": "perception2d_ros.models.lseg.model", "arch": "lseg_test_small"}
+    spec["export"] = {"module": "perception2d_ros.models.lseg.export", "arch": "lseg_test_small"}
     raw["models"]["lseg_small"] = spec
     (d / ms.MANIFEST).write_text(yaml.safe_dump(raw))
     rc, out, err = run_cli(capsys, "export", "lseg_small", "--random-weights", "--seed", "0",

@@ -34,10 +34,10 @@ def b32(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def lseg_small(tmp_path_factory):
-    from perception2d_ros.models.lseg import model as M
+    from perception2d_ros.models.lseg.export import export_onnx
 
-    return M.export_onnx("lseg_test_small", None, tmp_path_factory.mktemp("lseg"), seed=0,
-                         input_size=256)
+    return export_onnx("lseg_test_small", None, tmp_path_factory.mktemp("lseg"), seed=0,
+                       input_size=256)
 
 
 @pytest.fixture()

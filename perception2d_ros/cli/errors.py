@@ -31,9 +31,9 @@ _USER_ERROR_CLASSES = (
     ("perception2d_ros.engines.fetch", "FetchError", 1),
     ("perception2d_ros.models.clip.checkpoint", "CheckpointError", 1),
     ("perception2d_ros.models.clip.resolve", "ClipModelUnavailable", 1),
-    ("perception2d_ros.models.lseg.model", "CheckpointError", 1),
+    ("perception2d_ros.models.lseg.checkpoint", "CheckpointError", 1),
     ("perception2d_ros.cli.label", "LabelError", 1),
-    ("perception2d_ros.cli.seglabels", "SegLabelsError", 1),
+    ("perception2d_ros.models.lseg.resolve", "SegLabelsError", 1),
 )
 # file-system mistakes about paths the user gave (a wrong path, an existing output)
 _OS_USER_ERRORS = (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError,
