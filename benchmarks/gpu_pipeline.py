@@ -317,7 +317,8 @@ class Run:
         SAM masks (MobileSAM), CLIP embeddings."""
         from perception2d_ros.models.clip.labeler import ClipLabeler
         from perception2d_ros.engines.factory import EngineConfig
-        from perception2d_ros.models.sam.runtime import SamSegmenter, mask_iou
+        from perception2d_ros.models.sam.results import mask_iou
+        from perception2d_ros.models.sam.runtime import SamSegmenter
         from perception2d_ros.models.yolo.detector import YoloDetector
 
         torch = self.torch

@@ -5,7 +5,7 @@
 
 For each arch: the official architecture with seeded random weights, saved in the official
 ``.pth`` layout, exported through our path (ViT-H's 2.5 GB encoder goes to an ONNX external-data
-file), then ``sam_export.parity_check`` against ``segment_anything.SamPredictor`` on a real
+file), then ``sam_parity.parity_check`` against ``segment_anything.SamPredictor`` on a real
 COCO image (GT boxes, point prompts, refinement). One JSON line per arch on stdout.
 CI runs the same check for ViT-B and MobileSAM (test_sam_parity.py, test_sam_mobile.py);
 ViT-L/H share every line of that code but are too big for CI. A run's output:
@@ -30,7 +30,9 @@ sys.path.insert(0, str(ROOT / "test"))
 from pycocotools.coco import COCO  # noqa: E402
 
 import test_sam_parity as T  # noqa: E402  (the CI parity test's data and prompts)
+from perception2d_ros.models.sam import checkpoint as sam_checkpoint  # noqa: E402
 from perception2d_ros.models.sam import export as sam_export  # noqa: E402
+from perception2d_ros.models.sam import parity as sam_parity  # noqa: E402
 
 
 def main(archs: list[str]) -> int:
@@ -44,13 +46,13 @@ def main(archs: list[str]) -> int:
         root = Path(tempfile.mkdtemp(prefix=f"sam_{arch}_"))
         try:
             t = time.time()
-            ckpt = sam_export.save_checkpoint(sam_export.random_state_dict(arch, seed=0),
-                                              root / f"{arch}.pth")
+            ckpt = sam_checkpoint.save_checkpoint(
+                sam_checkpoint.random_state_dict(arch, seed=0), root / f"{arch}.pth")
             files = sam_export.export_onnx(None, ckpt, root / "exp")
             t_export = time.time() - t
             enc = json.loads(Path(files["meta"]).read_text())["files"]["encoder"]
             t = time.time()
-            rep = sam_export.parity_check(arch, ckpt, files, image, boxes[:6], points=pts[:2],
+            rep = sam_parity.parity_check(arch, ckpt, files, image, boxes[:6], points=pts[:2],
                                           point_labels=labs[:2], multimask_modes=(True,))
             row = {"export_s": round(t_export), "parity_s": round(time.time() - t),
                    "passed": rep["passed"], "external_data": bool(enc.get("external_data")),

@@ -55,6 +55,7 @@ def sam_random_export(tmp_path_factory):
     .pth and exported through our path once per session: (checkpoint, export dict, out dir).
     Shared by the SAM parity tests and the SAM pipeline-stage test."""
     pytest.importorskip("segment_anything", reason="SAM export needs segment-anything (test extra)")
+    from perception2d_ros.models.sam import checkpoint as sam_checkpoint
     from perception2d_ros.models.sam import export as sam_export
 
     import os
@@ -66,7 +67,7 @@ def sam_random_export(tmp_path_factory):
     root.mkdir(parents=True, exist_ok=True)
     ckpt = root / "sam_vit_b_random.pth"
     if not ckpt.is_file():
-        sam_export.save_checkpoint(sam_export.random_state_dict("vit_b", seed=0), ckpt)
+        sam_checkpoint.save_checkpoint(sam_checkpoint.random_state_dict("vit_b", seed=0), ckpt)
     out = root / "exports"
     return ckpt, sam_export.export_onnx(None, ckpt, out), out
 

@@ -147,7 +147,7 @@ def test_device_mask_combination_equals_the_host_one() -> None:
     """Instance-id image (overlaps: higher score wins, ties: lower index, NaN lowest), areas
     and mask boxes computed on the device equal the host functions exactly."""
     from perception2d_ros.models.sam.device import combine_masks
-    from perception2d_ros.models.sam.runtime import SamResult, instance_id_image, mask_bboxes
+    from perception2d_ros.models.sam.results import SamResult, instance_id_image, mask_bboxes
 
     rng = np.random.default_rng(3)
     h, w, n = 60, 90, 7

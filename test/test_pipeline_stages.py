@@ -165,7 +165,8 @@ def test_sam_stage_masks_every_detection(harness, sam_random_export, data_dir):
     """detect → SAM in one pipeline_node: one encoder run per frame, a mono16 instance-id
     image aligned to the input, masks/detections with mask ids and scores, identical to the
     offline SamSegmenter on the detector's boxes."""
-    from perception2d_ros.models.sam.runtime import SamSegmenter, instance_id_image
+    from perception2d_ros.models.sam.results import instance_id_image
+    from perception2d_ros.models.sam.runtime import SamSegmenter
     from perception2d_ros.models.yolo.detector import YoloDetector
 
     _, files, _ = sam_random_export

@@ -11,7 +11,10 @@ import cv2
 import numpy as np
 import pytest
 
-from perception2d_ros.models.sam import runtime as sam
+from perception2d_ros.models.sam import prompts as sam_prompts
+from perception2d_ros.models.sam import results as sam_results
+from perception2d_ros.models.sam import spec as sam_spec
+from perception2d_ros.models.sam import transforms as sam_transforms
 
 COCO = Path(__file__).resolve().parent / "data" / "coco"
 IMAGES = sorted((COCO / "images").glob("*.jpg"))
@@ -26,9 +29,9 @@ def _sam_stub() -> types.SimpleNamespace:
     constants (the methods themselves are segment-anything's, unmodified)."""
     torch = pytest.importorskip("torch")
     return types.SimpleNamespace(
-        pixel_mean=torch.tensor(sam.PIXEL_MEAN).view(-1, 1, 1),
-        pixel_std=torch.tensor(sam.PIXEL_STD).view(-1, 1, 1),
-        image_encoder=types.SimpleNamespace(img_size=sam.IMAGE_SIZE))
+        pixel_mean=torch.tensor(sam_spec.PIXEL_MEAN).view(-1, 1, 1),
+        pixel_std=torch.tensor(sam_spec.PIXEL_STD).view(-1, 1, 1),
+        image_encoder=types.SimpleNamespace(img_size=sam_spec.IMAGE_SIZE))
 
 
 # --------------------------------------------------------------------------- preprocessing
@@ -38,7 +41,7 @@ def test_resize_bit_identical_to_segment_anything_on_all_coco_images() -> None:
     first order) versions of real images."""
     ref_mod = pytest.importorskip("segment_anything.utils.transforms")
     ref = ref_mod.ResizeLongestSide(1024)
-    ours = sam.ResizeLongestSide(1024)
+    ours = sam_transforms.ResizeLongestSide(1024)
     assert len(IMAGES) >= 30
     checked = 0
     for path in IMAGES:
@@ -69,7 +72,8 @@ def test_pil_resize_arbitrary_sizes_bit_identical() -> None:
         crop = np.ascontiguousarray(rgb[y:y + h, x:x + w])
         oh, ow = (int(v) for v in rng.integers(5, 700, 2))
         ref = np.asarray(Image.fromarray(crop).resize((ow, oh), Image.BILINEAR))
-        assert np.array_equal(sam.pil_bilinear_resize(crop, (oh, ow)), ref), (crop.shape, oh, ow)
+        assert np.array_equal(sam_transforms.pil_bilinear_resize(crop, (oh, ow)), ref), \
+            (crop.shape, oh, ow)
 
 
 def test_preprocess_equals_sam_preprocess() -> None:
@@ -81,7 +85,7 @@ def test_preprocess_equals_sam_preprocess() -> None:
 
     stub = _sam_stub()
     ref_t = ResizeLongestSide(1024)
-    seg_t = sam.ResizeLongestSide()
+    seg_t = sam_transforms.ResizeLongestSide()
     for path in IMAGES[:4]:
         bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
         rgb = np.ascontiguousarray(bgr[:, :, ::-1])
@@ -98,7 +102,7 @@ def test_coords_and_boxes_transform_match_segment_anything() -> None:
     from segment_anything.utils.transforms import ResizeLongestSide
 
     ref = ResizeLongestSide(1024)
-    ours = sam.ResizeLongestSide()
+    ours = sam_transforms.ResizeLongestSide()
     rng = np.random.default_rng(1)
     for size in [(480, 640), (640, 427), (230, 352), (1080, 1920)]:
         pts = rng.uniform(0, 600, (5, 3, 2))
@@ -121,7 +125,7 @@ def test_postprocess_masks_matches_sam_postprocess_masks() -> None:
     coarse = rng.standard_normal((3, 2, 16, 16)).astype(np.float32) * 12
     low = np.stack([[cv2.resize(c, (256, 256), interpolation=cv2.INTER_CUBIC) for c in m]
                     for m in coarse]) + rng.standard_normal((3, 2, 256, 256)).astype(np.float32)
-    tr = sam.ResizeLongestSide()
+    tr = sam_transforms.ResizeLongestSide()
     for size in [(480, 640), (640, 427), (230, 352), (500, 375), (1080, 1920)]:
         ours = tr.postprocess_masks(low, size)
         ref = Sam.postprocess_masks(stub, torch.from_numpy(low), tr.input_size(size),
@@ -139,7 +143,7 @@ def test_stability_score_matches_segment_anything() -> None:
     logits = (rng.standard_normal((4, 3, 60, 80)) * 3).astype(np.float32)
     logits[0, 0, :5] = 1.0   # exactly at threshold + offset: counts as outside (strict >)
     logits[1, 1] = -5.0      # empty: 0/0 → NaN as segment-anything
-    ours = sam.stability_score(logits, 0.0, 1.0)
+    ours = sam_results.stability_score(logits, 0.0, 1.0)
     ref = calculate_stability_score(torch.from_numpy(logits), 0.0, 1.0).numpy()
     assert ours.shape == (4, 3)
     np.testing.assert_allclose(ours, ref, rtol=1e-6, equal_nan=True)
@@ -154,11 +158,11 @@ def test_instance_id_image_overlap_rule() -> None:
     masks[2, 25:40, 30:50] = True     # overlaps 1
     masks[3, 0:5, 45:50] = True       # alone
     scores = np.float32([0.5, 0.9, 0.9, np.nan])
-    res = sam.SamResult(masks=masks, scores=scores, stability=np.ones(4, np.float32),
+    res = sam_results.SamResult(masks=masks, scores=scores, stability=np.ones(4, np.float32),
                         chosen=np.zeros(4, np.int64),
                         low_res_logits=np.zeros((4, 1, 256, 256), np.float32),
                         iou_predictions=scores[:, None], image_size=(h, w))
-    ids = sam.instance_id_image(res)
+    ids = sam_results.instance_id_image(res)
     assert ids.dtype == np.uint16 and ids.shape == (h, w)
     assert ids[15, 15] == 2               # 1 (0.9) beats 0 (0.5)
     assert ids[5, 5] == 1
@@ -168,7 +172,7 @@ def test_instance_id_image_overlap_rule() -> None:
     assert ids[39, 0] == 0
     assert set(np.unique(ids)) == {0, 1, 2, 3, 4}
     # explicit scores: the order follows them
-    ids2 = sam.instance_id_image(res, scores=np.float32([1.0, 0.1, 0.2, 0.0]))
+    ids2 = sam_results.instance_id_image(res, scores=np.float32([1.0, 0.1, 0.2, 0.0]))
     assert ids2[15, 15] == 1 and ids2[27, 35] == 3
 
 
@@ -176,7 +180,7 @@ def test_mask_bboxes_and_areas() -> None:
     masks = np.zeros((3, 10, 12), bool)
     masks[0, 2:5, 3:7] = True
     masks[1, 9, 11] = True
-    res = sam.SamResult(masks=masks, scores=np.zeros(3, np.float32),
+    res = sam_results.SamResult(masks=masks, scores=np.zeros(3, np.float32),
                         stability=np.zeros(3, np.float32), chosen=np.zeros(3, np.int64),
                         low_res_logits=np.zeros((3, 1, 256, 256), np.float32),
                         iou_predictions=np.zeros((3, 1), np.float32), image_size=(10, 12))
@@ -186,58 +190,59 @@ def test_mask_bboxes_and_areas() -> None:
 
 # --------------------------------------------------------------------------- prompts
 def test_build_prompts_layout_matches_prompt_encoder() -> None:
-    coords, labels = sam.build_prompts(boxes=[[1, 2, 30, 40], [5, 6, 7, 8]])
+    coords, labels = sam_prompts.build_prompts(boxes=[[1, 2, 30, 40], [5, 6, 7, 8]])
     assert coords.shape == (2, 2, 2) and labels.tolist() == [[2, 3], [2, 3]]
     assert coords[0].tolist() == [[1, 2], [30, 40]]
     # points alone: one (0,0) padding point with label -1, as PromptEncoder(pad=True)
-    coords, labels = sam.build_prompts(points=[[[10, 11], [12, 13]]], point_labels=[[1, 0]])
+    coords, labels = sam_prompts.build_prompts(points=[[[10, 11], [12, 13]]], point_labels=[[1, 0]])
     assert coords.shape == (1, 3, 2) and labels.tolist() == [[1, 0, -1]]
     assert coords[0, 2].tolist() == [0, 0]
     # [P,2] is one prompt of P points
-    coords, labels = sam.build_prompts(points=[[10, 11], [12, 13]], point_labels=[1, 1])
+    coords, labels = sam_prompts.build_prompts(points=[[10, 11], [12, 13]], point_labels=[1, 1])
     assert coords.shape == (1, 3, 2)
     # points + box: points first, then the corners, no padding (PromptEncoder(pad=False))
-    coords, labels = sam.build_prompts(boxes=[[1, 2, 3, 4]], points=[[[5, 6]]],
+    coords, labels = sam_prompts.build_prompts(boxes=[[1, 2, 3, 4]], points=[[[5, 6]]],
                                        point_labels=[[1]])
     assert labels.tolist() == [[1, 2, 3]] and coords[0].tolist() == [[5, 6], [1, 2], [3, 4]]
-    with pytest.raises(sam.SamError, match="point_labels"):
-        sam.build_prompts(points=[[1, 2]])
-    with pytest.raises(sam.SamError, match="boxes"):
-        sam.build_prompts(boxes=[[1, 2, 3]])
-    with pytest.raises(sam.SamError, match="2 point prompts but 1 boxes"):
-        sam.build_prompts(boxes=[[1, 2, 3, 4]], points=np.zeros((2, 1, 2)),
+    with pytest.raises(sam_spec.SamError, match="point_labels"):
+        sam_prompts.build_prompts(points=[[1, 2]])
+    with pytest.raises(sam_spec.SamError, match="boxes"):
+        sam_prompts.build_prompts(boxes=[[1, 2, 3]])
+    with pytest.raises(sam_spec.SamError, match="2 point prompts but 1 boxes"):
+        sam_prompts.build_prompts(boxes=[[1, 2, 3, 4]], points=np.zeros((2, 1, 2)),
                           point_labels=np.ones((2, 1)))
-    with pytest.raises(sam.SamError, match="must be 1"):
-        sam.build_prompts(points=[[1, 2]], point_labels=[2])
+    with pytest.raises(sam_spec.SamError, match="must be 1"):
+        sam_prompts.build_prompts(points=[[1, 2]], point_labels=[2])
 
 
 # --------------------------------------------------------------------------- loading / CLI
 def test_weights_only_loader_rejects_pickles_and_infers_arch(tmp_path: Path) -> None:
     torch = pytest.importorskip("torch")
+    from perception2d_ros.models.sam import checkpoint as sam_checkpoint
     from perception2d_ros.models.sam import export as sam_export
 
     bad = tmp_path / "evil.pth"
     torch.save({"x": types.SimpleNamespace(a=1)}, bad)   # arbitrary object: needs pickle
     with pytest.raises(ValueError, match="weights-only"):
-        sam_export.load_state_dict(bad)
+        sam_checkpoint.load_state_dict(bad)
     sd = {"image_encoder.patch_embed.proj.weight": torch.zeros(1024, 3, 16, 16)}
-    assert sam_export.infer_arch(sd) == "vit_l"
+    assert sam_checkpoint.infer_arch(sd) == "vit_l"
     wrapped = tmp_path / "wrapped.pth"
     torch.save({"model": sd}, wrapped)
-    assert sam_export.infer_arch(sam_export.load_state_dict(wrapped)) == "vit_l"
+    assert sam_checkpoint.infer_arch(sam_checkpoint.load_state_dict(wrapped)) == "vit_l"
     with pytest.raises(ValueError, match="not a SAM"):
-        sam_export.infer_arch({"encoder.weight": torch.zeros(2)})
+        sam_checkpoint.infer_arch({"encoder.weight": torch.zeros(2)})
     with pytest.raises(FileNotFoundError):
-        sam_export.load_state_dict(tmp_path / "missing.pth")
+        sam_checkpoint.load_state_dict(tmp_path / "missing.pth")
     # MobileSAM's TinyViT layout is vit_t (alias mobile_sam); other TinyViT widths and
     # unknown arch names are refused
     tiny = {"image_encoder.patch_embed.seq.0.c.weight": torch.zeros(32, 3, 3, 3),
             "image_encoder.layers.0.blocks.0.conv1.c.weight": torch.zeros(256, 64, 1, 1)}
-    assert sam_export.infer_arch(tiny) == "vit_t"
-    assert sam_export.canonical_arch("mobile_sam") == "vit_t"
+    assert sam_checkpoint.infer_arch(tiny) == "vit_t"
+    assert sam_checkpoint.canonical_arch("mobile_sam") == "vit_t"
     with pytest.raises(ValueError, match="width 48"):
-        sam_export.infer_arch({"image_encoder.patch_embed.seq.0.c.weight":
-                               torch.zeros(48, 3, 3, 3)})
+        sam_checkpoint.infer_arch({"image_encoder.patch_embed.seq.0.c.weight":
+                                   torch.zeros(48, 3, 3, 3)})
     with pytest.raises(ValueError, match="unknown SAM arch 'vit_x'.*vit_t.*mobile_sam"):
         sam_export.export_onnx("vit_x", None, tmp_path, seed=0)
 
@@ -275,11 +280,11 @@ def test_cli_argument_validation(tmp_path: Path, capsys) -> None:
 
 
 def test_model_files_errors(tmp_path: Path) -> None:
-    with pytest.raises(sam.SamError, match="metadata not found"):
-        sam.SamModelFiles.load(tmp_path)
-    (tmp_path / sam.META_FILE).write_text(json.dumps({"files": {"encoder": {"path": "e"}}}))
-    with pytest.raises(sam.SamError, match="decoder"):
-        sam.SamModelFiles.load(tmp_path)
+    with pytest.raises(sam_spec.SamError, match="metadata not found"):
+        sam_spec.SamModelFiles.load(tmp_path)
+    (tmp_path / sam_spec.META_FILE).write_text(json.dumps({"files": {"encoder": {"path": "e"}}}))
+    with pytest.raises(sam_spec.SamError, match="decoder"):
+        sam_spec.SamModelFiles.load(tmp_path)
 
 
 def test_large_model_export_uses_one_external_data_file(tmp_path: Path, monkeypatch) -> None:

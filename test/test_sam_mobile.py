@@ -22,7 +22,11 @@ pytest.importorskip("timm", reason="MobileSAM needs timm (test extra)")
 pytest.importorskip("mobile_sam", reason="MobileSAM needs mobilesam-mirror (test extra)")
 pytest.importorskip("onnxruntime")
 
-from perception2d_ros.models.sam import runtime as sam, export as sam_export  # noqa: E402
+from perception2d_ros.models.sam import checkpoint as sam_checkpoint  # noqa: E402
+from perception2d_ros.models.sam import export as sam_export  # noqa: E402
+from perception2d_ros.models.sam import parity as sam_parity  # noqa: E402
+from perception2d_ros.models.sam import results as sam_results  # noqa: E402
+from perception2d_ros.models.sam import runtime as sam  # noqa: E402
 from perception2d_ros.engines.factory import EngineConfig  # noqa: E402
 from perception2d_ros.engines.model_store import sha256_file  # noqa: E402
 from test_sam_parity import (COCO_DIR, PARITY_IMAGES, _prompts,  # noqa: E402,F401
@@ -36,11 +40,11 @@ CPU = EngineConfig(backend="onnxruntime", device="cpu")
 def mobile(tmp_path_factory):
     """(checkpoint, export dict, torch model loaded back, export root = a SAM cache dir)."""
     root = tmp_path_factory.mktemp("mobile_sam")
-    ckpt = sam_export.save_checkpoint(sam_export.random_state_dict("vit_t", seed=0),
+    ckpt = sam_checkpoint.save_checkpoint(sam_checkpoint.random_state_dict("vit_t", seed=0),
                                       root / "mobile_sam.pt")
     out = root / "cache" / "sam"
     files = sam_export.export_onnx(None, ckpt, out)          # arch inferred: vit_t
-    return ckpt, files, sam_export.load_sam(ckpt), out
+    return ckpt, files, sam_checkpoint.load_sam(ckpt), out
 
 
 def test_checkpoint_is_vit_t_and_export_cached_by_sha256(mobile, monkeypatch) -> None:
@@ -48,8 +52,8 @@ def test_checkpoint_is_vit_t_and_export_cached_by_sha256(mobile, monkeypatch) ->
     import torch
 
     ckpt, files, model, out = mobile
-    sd = sam_export.load_state_dict(ckpt)
-    assert sam_export.infer_arch(sd) == "vit_t"
+    sd = sam_checkpoint.load_state_dict(ckpt)
+    assert sam_checkpoint.infer_arch(sd) == "vit_t"
     assert "image_encoder.patch_embed.seq.0.c.weight" in sd
     # BatchNorm statistics stay valid under the random init
     assert all((v > 0).all() for k, v in sd.items() if k.endswith(".running_var"))
@@ -59,7 +63,7 @@ def test_checkpoint_is_vit_t_and_export_cached_by_sha256(mobile, monkeypatch) ->
     assert attn and all(torch.equal(m.ab, m.attention_biases[:, m.attention_bias_idxs])
                         and m.attention_biases.abs().max() > 0 for m in attn)
     with pytest.raises(ValueError, match="is vit_t, not vit_b"):
-        sam_export.load_sam(ckpt, "vit_b")
+        sam_checkpoint.load_sam(ckpt, "vit_b")
 
     meta = json.loads(Path(files["meta"]).read_text())
     assert meta["arch"] == "vit_t" and meta["checkpoint"]["sha256"] == sha256_file(ckpt)
@@ -75,7 +79,8 @@ def test_checkpoint_is_vit_t_and_export_cached_by_sha256(mobile, monkeypatch) ->
 
     # second calls (arch given, alias, inferred) are cache hits: nothing is built again
     mtimes = {k: Path(p).stat().st_mtime_ns for k, p in files.items()}
-    monkeypatch.setattr(sam_export, "build_sam", lambda arch: pytest.fail("re-exported"))
+    for module in (sam_checkpoint, sam_export):   # export.py imports build_sam by name
+        monkeypatch.setattr(module, "build_sam", lambda arch: pytest.fail("re-exported"))
     assert sam_export.export_onnx("vit_t", ckpt, out) == files
     assert sam_export.export_onnx("mobile_sam", ckpt, out) == files
     assert sam_export.export_onnx(None, ckpt, out) == files
@@ -92,7 +97,7 @@ def test_parity_with_mobile_sam_predictor_on_coco(mobile, coco, file_name) -> No
     boxes, pts, labs, _ = _prompts(coco, file_name)
     image = cv2.imread(str(COCO_DIR / "images" / file_name), cv2.IMREAD_COLOR)
     modes = (True, False) if file_name == PARITY_IMAGES[0] else (True,)
-    rep = sam_export.parity_check("mobile_sam", model, sam.SamSegmenter.from_exported(files, CPU),
+    rep = sam_parity.parity_check("mobile_sam", model, sam.SamSegmenter.from_exported(files, CPU),
                                   image, boxes, points=pts, point_labels=labs,
                                   multimask_modes=modes)
     assert rep["arch"] == "vit_t" and rep["reference"]["package"] == "mobilesam-mirror"
@@ -131,7 +136,7 @@ def test_cli_export_and_segment_with_mobile_sam(mobile, tmp_path, capsys) -> Non
     seg = sam.SamSegmenter.from_exported(files, CPU)
     seg.set_image(image)
     ref = seg.predict(boxes=boxes, multimask=False)
-    np.testing.assert_array_equal(ids, sam.instance_id_image(ref))
+    np.testing.assert_array_equal(ids, sam_results.instance_id_image(ref))
     assert [r["prompt"] for r in records] == [{"box": b.tolist()} for b in boxes]
     np.testing.assert_allclose([r["score"] for r in records], ref.scores, atol=1e-6)
 
@@ -155,7 +160,7 @@ def test_sam_stage_runs_the_mobile_sam_export(mobile, monkeypatch) -> None:
     seg = sam.SamSegmenter.from_exported(files, CPU)
     seg.set_image(image)
     ref = seg.predict(boxes=np.asarray(frame.detections.xyxy, np.float64))
-    np.testing.assert_array_equal(frame.masks.instance_ids, sam.instance_id_image(ref))
+    np.testing.assert_array_equal(frame.masks.instance_ids, sam_results.instance_id_image(ref))
 
 
 def test_device_path_matches_host_path(mobile, coco):
@@ -180,13 +185,13 @@ def test_device_path_matches_host_path(mobile, coco):
             host.select = dev.select = select
             a, b = dev.predict(boxes=boxes), host.predict(boxes=boxes)
             assert a.masks.shape == b.masks.shape and a.masks.dtype == bool
-            ious = [sam.mask_iou(x, y) for x, y in zip(a.masks, b.masks)]
+            ious = [sam_results.mask_iou(x, y) for x, y in zip(a.masks, b.masks)]
             assert min(ious) >= 0.98, ious
             np.testing.assert_allclose(a.scores, b.scores, atol=2e-2)
         # with the host's own embedding the decoder + upscaling path is near exact
         dev.set_embedding(host.embedding, image.shape[:2])
         a, b = dev.predict(boxes=boxes), host.predict(boxes=boxes)
-        assert min(sam.mask_iou(x, y) for x, y in zip(a.masks, b.masks)) >= 0.999
+        assert min(sam_results.mask_iou(x, y) for x, y in zip(a.masks, b.masks)) >= 0.999
         np.testing.assert_allclose(a.low_res_logits, b.low_res_logits, atol=1e-3)
         np.testing.assert_allclose(a.stability, b.stability, atol=1e-3)
     host.close()
@@ -219,6 +224,6 @@ def test_sam_stage_on_device_frames_matches_host_stage(mobile, coco):
     a, b = fd.masks, fh.masks
     assert a.instance_ids.dtype == np.uint16 and a.instance_ids.shape == image.shape[:2]
     for i in range(len(boxes)):
-        assert sam.mask_iou(a.instance_ids == i + 1, b.instance_ids == i + 1) >= 0.95
+        assert sam_results.mask_iou(a.instance_ids == i + 1, b.instance_ids == i + 1) >= 0.95
     np.testing.assert_allclose(a.areas, b.areas, rtol=0.05)
     assert np.abs(a.bboxes - b.bboxes).max() <= 4

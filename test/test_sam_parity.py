@@ -24,7 +24,12 @@ pycocotools = pytest.importorskip("pycocotools")
 from pycocotools import mask as mask_utils  # noqa: E402
 from pycocotools.coco import COCO  # noqa: E402
 
-from perception2d_ros.models.sam import runtime as sam, export as sam_export  # noqa: E402
+from perception2d_ros.eval import sam_masks  # noqa: E402
+from perception2d_ros.models.sam import checkpoint as sam_checkpoint  # noqa: E402
+from perception2d_ros.models.sam import export as sam_export  # noqa: E402
+from perception2d_ros.models.sam import parity as sam_parity  # noqa: E402
+from perception2d_ros.models.sam import runtime as sam  # noqa: E402
+from perception2d_ros.models.sam import spec as sam_spec  # noqa: E402
 from perception2d_ros.engines.factory import EngineConfig  # noqa: E402
 from perception2d_ros.engines.model_store import sha256_file  # noqa: E402
 
@@ -50,7 +55,7 @@ def coco() -> COCO:
 def exported(sam_random_export):
     """(checkpoint path, export dict, torch model loaded back through our loader)."""
     ckpt, files, out = sam_random_export                     # arch inferred: vit_b
-    model = sam_export.load_sam(ckpt)
+    model = sam_checkpoint.load_sam(ckpt)
     return ckpt, files, model, out
 
 
@@ -92,7 +97,8 @@ def test_export_files_signature_and_sidecar(exported) -> None:
     assert all(Path(p).is_file() for p in files.values())
     meta = json.loads(Path(files["meta"]).read_text())
     assert meta["arch"] == "vit_b" and meta["image_size"] == 1024
-    assert meta["pixel_mean"] == list(sam.PIXEL_MEAN) and meta["pixel_std"] == list(sam.PIXEL_STD)
+    assert meta["pixel_mean"] == list(sam_spec.PIXEL_MEAN)
+    assert meta["pixel_std"] == list(sam_spec.PIXEL_STD)
     assert meta["checkpoint"]["sha256"] == sha256_file(ckpt)
     assert Path(files["meta"]).parent.name == f"sam_vit_b_{sha256_file(ckpt)[:12]}"
     assert sam_export.verify_export(files) == []
@@ -142,7 +148,7 @@ def test_parity_with_sam_predictor_on_coco(exported, segmenter, coco, file_name)
     image = cv2.imread(str(COCO_DIR / "images" / file_name), cv2.IMREAD_COLOR)
     # both multimask modes on the first image; multimask only (+ refinement) on the second
     modes = (True, False) if file_name == PARITY_IMAGES[0] else (True,)
-    rep = sam_export.parity_check("vit_b", model, segmenter, image, boxes, points=pts,
+    rep = sam_parity.parity_check("vit_b", model, segmenter, image, boxes, points=pts,
                                   point_labels=labs, multimask_modes=modes)
     assert rep["arch"] == "vit_b" and rep["reference"]["package"] == "segment-anything"
     check_parity_report(rep, boxes, pts, modes)
@@ -180,7 +186,7 @@ def test_many_prompts_one_encoder_run_and_eval(exported, coco) -> None:
     the eval's per-instance IoUs equal pycocotools' own mask IoU."""
     _, files, _, _ = exported
     seg = sam.SamSegmenter.from_exported(files, EngineConfig(backend="onnxruntime", device="cpu"))
-    rep = sam.evaluate_coco_masks(seg, COCO_DIR / "images", ANNOTATIONS, max_images=2)
+    rep = sam_masks.evaluate_coco_masks(seg, COCO_DIR / "images", ANNOTATIONS, max_images=2)
     assert rep["images"] == 2 and seg.encoder_calls == 2 and seg.decoder_calls == 2
     n_last = rep["per_image"][-1]["instances"]
     assert n_last > 8 and rep["instances"] == sum(p["instances"] for p in rep["per_image"])
@@ -196,7 +202,7 @@ def test_many_prompts_one_encoder_run_and_eval(exported, coco) -> None:
     for k in range(3):
         seg.predict(points=[[boxes[k, :2] + 2]], point_labels=[[1]])
     assert seg.encoder_calls == 2 and seg.decoder_calls == 2 + 1 + 3
-    with pytest.raises(sam.SamError, match="frame"):
+    with pytest.raises(sam_spec.SamError, match="frame"):
         seg.predict(boxes=boxes[:1], frame_id=("coco", -1))
     # independent metric: pycocotools RLE IoU of the same masks
     dt = mask_utils.encode(np.asfortranarray(res.masks.transpose(1, 2, 0).astype(np.uint8)))

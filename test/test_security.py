@@ -192,7 +192,7 @@ class _Payload:
 def _loaders():
     from perception2d_ros.models.clip.checkpoint import read_state_dict
     from perception2d_ros.models.lseg.checkpoint import read_checkpoint
-    from perception2d_ros.models.sam.export import load_state_dict
+    from perception2d_ros.models.sam.checkpoint import load_state_dict
 
     return {"clip.read_state_dict": read_state_dict, "lseg.read_checkpoint": read_checkpoint,
             "sam.load_state_dict": load_state_dict}

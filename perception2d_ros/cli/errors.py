@@ -26,7 +26,7 @@ DEBUG_ENV = "PERCEPTION2D_DEBUG"
 _USER_ERROR_CLASSES = (
     ("perception2d_ros.engines.model_store", "ModelFileError", 1),
     ("perception2d_ros.engines.base", "EngineError", 1),   # incl. BackendUnavailable
-    ("perception2d_ros.models.sam.runtime", "SamError", 1),          # incl. SamWeightsMissing
+    ("perception2d_ros.models.sam.spec", "SamError", 1),             # incl. SamWeightsMissing
     ("perception2d_ros.pipeline.build", "StageUnavailable", 1),
     ("perception2d_ros.engines.fetch", "FetchError", 1),
     ("perception2d_ros.models.clip.checkpoint", "CheckpointError", 1),

@@ -106,7 +106,8 @@ def add_eval_parser(subparsers: Any) -> None:
 
 def _open_segmenter(args: argparse.Namespace) -> Any:
     from perception2d_ros.engines.factory import EngineConfig
-    from perception2d_ros.models.sam.runtime import SamSegmenter, resolve_model_files
+    from perception2d_ros.models.sam.files import resolve_model_files
+    from perception2d_ros.models.sam.runtime import SamSegmenter
 
     files = resolve_model_files(args.model, checkpoint=args.checkpoint, arch=args.arch,
                                 models_dir=args.models_dir, cache_dir=args.cache_dir)
@@ -134,7 +135,8 @@ def run_segment(args: argparse.Namespace) -> int:
     import cv2
     import numpy as np
 
-    from perception2d_ros.models.sam.runtime import SamError, instance_id_image, mask_bboxes
+    from perception2d_ros.models.sam.results import instance_id_image, mask_bboxes
+    from perception2d_ros.models.sam.spec import SamError
 
     if not args.box and not args.point:
         return _fail("give at least one --box or --point prompt")
@@ -192,7 +194,8 @@ def run_segment(args: argparse.Namespace) -> int:
 
 
 def run_eval_masks(args: argparse.Namespace) -> int:
-    from perception2d_ros.models.sam.runtime import SamError, evaluate_coco_masks
+    from perception2d_ros.eval.sam_masks import evaluate_coco_masks
+    from perception2d_ros.models.sam.spec import SamError
 
     if not Path(args.images).is_dir():
         return _fail(f"--images {args.images}: not a directory")

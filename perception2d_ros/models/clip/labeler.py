@@ -1,7 +1,7 @@
 """Zero-shot CLIP labels for whole images and detection boxes (ROS-free).
 
 Runs the exported ONNX pair (:func:`.export.export_onnx`) through
-:func:`perception2d_ros.engines.engines.create_engine` — ONNX Runtime / TensorRT; torch is not
+:func:`perception2d_ros.engines.factory.create_engine` — ONNX Runtime / TensorRT; torch is not
 used. Scores are ``softmax(logit_scale · cos(image, text))`` over the current vocabulary, the
 zero-shot classifier of the CLIP paper; text embeddings are prompt-ensembled
 (:class:`.vocabulary.TextEmbeddingCache`) and cached.

@@ -145,7 +145,7 @@ class CacheStats:
 class TextEmbeddingCache:
     """Normalised CLIP text embeddings per (model id, phrase, template), memory + disk.
 
-    ``text_engine`` is an :class:`~perception2d_ros.engines.engines.Engine` of the exported text
+    ``text_engine`` is an :class:`~perception2d_ros.engines.base.Engine` of the exported text
     tower (input ``input_ids``, output ``text_embeds``) or any callable
     ``int64 [B, L] → float32 [B, D]``. ``model_id`` defaults to the engine's ONNX sha256.
     """

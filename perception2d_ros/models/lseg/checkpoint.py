@@ -176,7 +176,7 @@ CLIP_ARCH_OF_CHECKPOINT = "ViT-B-32-quickgelu"   # lang-seg: clip.load("ViT-B/32
 def extract_clip_checkpoint(checkpoint: str | Path, out_path: str | Path) -> Path | None:
     """Write the CLIP model stored in an official LSeg checkpoint (``net.clip_pretrained.*``,
     OpenAI key names, the CLIP ViT-B/32 whose text tower LSeg was trained against) as a plain
-    float32 state dict for :mod:`perception2d_ros.models.clip.model` (arch
+    float32 state dict for :mod:`perception2d_ros.models.clip.checkpoint` (arch
     :data:`CLIP_ARCH_OF_CHECKPOINT`). Returns ``None`` when the checkpoint holds no CLIP."""
     clip = split_official_state_dict(read_checkpoint(checkpoint))["clip"]
     if not clip:

@@ -1,19 +1,18 @@
-"""SAM torch side: build / load official checkpoints, export ONNX, check parity.
+"""SAM checkpoint → ONNX: the encoder and the batched prompt decoders, the ``sam.json``
+sidecar, the export cache keyed by the checkpoint's sha256, and :func:`verify_export`.
 
 Architectures: ``vit_b`` / ``vit_l`` / ``vit_h`` (``segment_anything``) and ``vit_t`` (alias
 ``mobile_sam``: MobileSAM's TinyViT encoder + the SAM prompt encoder / mask decoder, from the
-official ``mobile_sam`` package, PyPI ``mobilesam-mirror``). Each arch is built, exported and
-checked against its own reference package. Only export and parity tests use torch and those
-packages; the runtime (:mod:`perception2d_ros.models.sam.runtime`) runs the ONNX files. Public API:
+official ``mobile_sam`` package, PyPI ``mobilesam-mirror``); checkpoints are built and loaded
+by :mod:`perception2d_ros.models.sam.checkpoint`, and :mod:`perception2d_ros.models.sam.parity`
+checks an export against its own reference package. Only export and parity use torch and
+those packages; the runtime (:mod:`perception2d_ros.models.sam.runtime`) runs the ONNX files.
 
 ``export_onnx(arch, checkpoint, out_dir, *, seed=None) -> dict[str, Path]``
     Export ``encoder.onnx`` (``image`` [1,3,1024,1024] normalised → ``image_embeddings``
     [1,256,64,64]), ``decoder.onnx`` (multimask, K = 3) and ``decoder_single.onnx`` (K = 1)
     plus the ``sam.json`` sidecar into ``out_dir/sam_<arch>_<sha256[:12]>/``. A second call
     for a checkpoint with the same sha256 returns the cached files.
-``parity_check(arch, checkpoint, exported, image_bgr, boxes, ...) -> dict``
-    The ONNX path vs the reference ``SamPredictor`` (``segment_anything``'s, or
-    ``mobile_sam``'s for vit_t) with the same weights.
 
 Decoder signature (batched prompts; ``N`` prompts of ``P`` points, both dynamic)::
 
@@ -27,7 +26,6 @@ Decoder signature (batched prompts; ``N`` prompts of ``P`` points, both dynamic)
 from __future__ import annotations
 
 import datetime as _dt
-import importlib
 import json
 import logging
 import os
@@ -38,183 +36,22 @@ import warnings
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-import numpy as np
-
-from perception2d_ros.models.sam import runtime as samrt
 from perception2d_ros.engines.model_store import sha256_file
+from perception2d_ros.models.sam.checkpoint import (_with_weights, build_sam, canonical_arch,
+                                                    infer_arch, load_sam, load_state_dict,
+                                                    random_sam, reference_package,
+                                                    reference_version)
+from perception2d_ros.models.sam.spec import (DECODER_INPUTS, DECODER_OUTPUTS, ENCODER_INPUT,
+                                              ENCODER_OUTPUT, META_FILE, SamModelFiles)
 
 LOG = logging.getLogger("perception2d.sam_export")
 
-ARCHS = samrt.ARCHS
-# the package that defines each arch (import name, distribution name for the sidecar)
-_REFERENCE = {"vit_b": ("segment_anything", "segment-anything"),
-              "vit_l": ("segment_anything", "segment-anything"),
-              "vit_h": ("segment_anything", "segment-anything"),
-              "vit_t": ("mobile_sam", "mobilesam-mirror")}
 OPSET = 17
 # ONNX files are protobufs (2 GB limit): bigger models (the ViT-H encoder, ~2.5 GB) keep their
 # weights in one external-data file next to the .onnx
 EXTERNAL_DATA_THRESHOLD = 1_900_000_000
 EXPORT_FORMAT = "perception2d-sam-onnx"
 EXPORT_VERSION = 1
-
-# ImageEncoderViT embed dim → arch (official checkpoints are plain state dicts)
-_EMBED_DIM_TO_ARCH = {768: "vit_b", 1024: "vit_l", 1280: "vit_h"}
-# MobileSAM's TinyViT: first conv of the patch embedding (embed_dims[0] // 2 = 32 channels)
-_TINYVIT_STEM = "image_encoder.patch_embed.seq.0.c.weight"
-_TINYVIT_STEM_CHANNELS = 32
-
-# Tolerances of the parity check (the issue's acceptance numbers).
-TOLERANCES = {
-    "low_res_max_abs_diff": 1e-3,
-    "iou_pred_max_abs_diff": 1e-4,
-    "mask_iou_min": 0.99,
-    "preprocess_max_abs_diff": 1e-5,
-}
-
-
-# --------------------------------------------------------------------------- build / load
-def canonical_arch(arch: str) -> str:
-    """``arch`` by its canonical name (``mobile_sam`` → ``vit_t``); unknown ones raise."""
-    name = samrt.ARCH_ALIASES.get(arch, arch)
-    if name not in ARCHS:
-        known = ", ".join([*ARCHS, *samrt.ARCH_ALIASES])
-        raise ValueError(f"unknown SAM arch '{arch}'; known: {known}")
-    return name
-
-
-def reference_package(arch: str) -> Any:
-    """The official package that defines ``arch``: ``segment_anything``, or ``mobile_sam``
-    for vit_t (its ``sam_model_registry``, ``SamPredictor`` and ``utils.onnx``)."""
-    name = _REFERENCE[canonical_arch(arch)][0]
-    with warnings.catch_warnings():
-        # mobile_sam imports timm's deprecated module paths and re-registers timm's tiny_vit
-        # models under the same names: import-time notices about its own code, not ours
-        warnings.filterwarnings("ignore", message="Importing from timm", category=FutureWarning)
-        warnings.filterwarnings("ignore", message="Overwriting tiny_vit_", category=UserWarning)
-        module = importlib.import_module(name)
-        importlib.import_module(f"{name}.utils.onnx")
-    return module
-
-
-def reference_version(arch: str) -> dict[str, str]:
-    """Distribution name and version of the reference package (for the sidecar)."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    dist = _REFERENCE[canonical_arch(arch)][1]
-    try:
-        return {"package": dist, "version": version(dist)}
-    except PackageNotFoundError:  # imported from a source tree
-        return {"package": dist, "version": "unknown"}
-
-
-def build_sam(arch: str) -> Any:
-    """The official architecture (``sam_model_registry[arch]`` of its reference package),
-    no weights, eval mode."""
-    arch = canonical_arch(arch)
-    return reference_package(arch).sam_model_registry[arch](checkpoint=None).eval()
-
-
-def _with_weights(model: Any, state_dict: Mapping[str, Any]) -> Any:
-    """Strict load, then eval mode. The order matters for TinyViT: its attention caches the
-    bias table (``ab``) when switched to eval, so weights loaded after ``eval()`` need another
-    ``eval()`` to reach the forward pass."""
-    model.load_state_dict(state_dict, strict=True)
-    return model.eval()
-
-
-def load_state_dict(checkpoint: str | Path) -> dict[str, Any]:
-    """An official SAM checkpoint (a plain state dict ``.pth``) loaded weights-only on CPU.
-    Also accepts the ``{"model": state_dict}`` / ``{"state_dict": ...}`` wrappers."""
-    import torch
-
-    path = Path(checkpoint)
-    if not path.is_file():
-        raise FileNotFoundError(f"SAM checkpoint not found: {path}")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # unpickling error: not a weights-only state dict
-        raise ValueError(f"{path} is not a weights-only torch state dict: {exc}") from exc
-    for key in ("model", "state_dict"):
-        if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
-            obj = obj[key]
-    if not isinstance(obj, dict) or not obj:
-        raise ValueError(f"{path}: expected a state dict, got {type(obj).__name__}")
-    return obj
-
-
-def infer_arch(state_dict: Mapping[str, Any]) -> str:
-    """vit_b / vit_l / vit_h from the ViT encoder's embedding width; vit_t from MobileSAM's
-    TinyViT layout (``image_encoder.patch_embed.seq.*``, ``image_encoder.layers.*``)."""
-    w = state_dict.get("image_encoder.patch_embed.proj.weight")
-    if w is None:
-        stem = state_dict.get(_TINYVIT_STEM)
-        if stem is not None:
-            if int(stem.shape[0]) != _TINYVIT_STEM_CHANNELS:
-                raise ValueError(f"TinyViT encoder of width {int(stem.shape[0])} is not "
-                                 f"MobileSAM's vit_t ({_TINYVIT_STEM_CHANNELS})")
-            return "vit_t"
-        raise ValueError("not a SAM checkpoint: neither image_encoder.patch_embed.proj.weight "
-                         f"(ViT) nor {_TINYVIT_STEM} (MobileSAM TinyViT)")
-    arch = _EMBED_DIM_TO_ARCH.get(int(w.shape[0]))
-    if arch is None:
-        raise ValueError(f"unknown SAM encoder width {int(w.shape[0])}")
-    return arch
-
-
-def load_sam(checkpoint: str | Path, arch: str | None = None) -> Any:
-    """Official SAM with the checkpoint's weights (weights-only load, strict key match).
-    ``arch`` defaults to the one the checkpoint implies; a mismatch raises."""
-    sd = load_state_dict(checkpoint)
-    found = infer_arch(sd)
-    if arch is not None and canonical_arch(arch) != found:
-        raise ValueError(f"checkpoint {checkpoint} is {found}, not {arch}")
-    return _with_weights(build_sam(found), sd)
-
-
-def random_state_dict(arch: str, seed: int, scale: float = 0.5,
-                      logit_gain: float = 20.0) -> dict[str, Any]:
-    """Official-format state dict of a seeded random SAM (for tests and benchmarks where no
-    weights exist). segment-anything's init leaves many tensors degenerate (zero positional
-    embeddings and relative positions, LayerNorms at 1/0, ...); every floating tensor gets
-    seeded normal noise of ``scale`` x its own std (at least 0.02) so masks are non-trivial,
-    and the hypernetwork output layers are scaled by ``logit_gain`` so mask logits reach the
-    magnitude of trained SAM (|logit| ~ 10; stability scores are then informative).
-    MobileSAM's BatchNorm statistics stay valid: ``running_var`` gets log-normal noise
-    (positive), ``num_batches_tracked`` (integer) is kept."""
-    import torch
-
-    torch.manual_seed(seed)
-    model = build_sam(arch)
-    gen = torch.Generator().manual_seed(seed + 1)
-    sd = model.state_dict()
-    out = {}
-    for name, t in sd.items():
-        if t.is_floating_point():
-            std = float(t.float().std()) if t.numel() > 1 else 0.0
-            sigma = max(scale * std, 0.02)
-            noise = sigma * torch.randn(t.shape, generator=gen, dtype=t.dtype)
-            t = t * torch.exp(noise) if name.endswith(".running_var") else t + noise
-            if name.startswith("mask_decoder.output_hypernetworks_mlps.") and \
-                    ".layers.2." in name:
-                t = t * logit_gain
-        out[name] = t.clone()
-    return out
-
-
-def random_sam(arch: str, seed: int) -> Any:
-    """The official architecture with :func:`random_state_dict` weights, eval mode."""
-    return _with_weights(build_sam(arch), random_state_dict(arch, seed))
-
-
-def save_checkpoint(state_dict: Mapping[str, Any], path: str | Path) -> Path:
-    """Save a state dict the way the official ``sam_vit_*.pth`` files are stored."""
-    import torch
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(dict(state_dict), path)
-    return path
 
 
 # --------------------------------------------------------------------------- ONNX modules
@@ -406,12 +243,12 @@ def export_onnx(arch: str | None, checkpoint: str | Path | None, out_dir: str | 
     if arch is None and checkpoint is not None and not force:
         # a cached export of this checkpoint under any arch name: no torch needed
         for cand in sorted(Path(out_dir).glob(f"sam_*_{ckpt_sha[:12]}")):
-            if _cached(cand / samrt.META_FILE, source_key):
+            if _cached(cand / META_FILE, source_key):
                 LOG.info("SAM export cached in %s", cand)
                 return _result(cand)
     if arch is not None:
         target = export_dir_for(arch, checkpoint, out_dir, seed=seed)
-        if not force and _cached(target / samrt.META_FILE, source_key):
+        if not force and _cached(target / META_FILE, source_key):
             LOG.info("SAM %s export cached in %s", arch, target)
             return _result(target)
 
@@ -445,8 +282,8 @@ def export_onnx(arch: str | None, checkpoint: str | Path | None, out_dir: str | 
         dim = model.prompt_encoder.embed_dim
         low = 4 * emb[0]
         _export_one(enc_cls(model), (torch.zeros(1, 3, size, size),), tmp / "encoder.onnx",
-                    [samrt.ENCODER_INPUT], [samrt.ENCODER_OUTPUT], None,
-                    {samrt.ENCODER_OUTPUT: [1, dim, *emb]})
+                    [ENCODER_INPUT], [ENCODER_OUTPUT], None,
+                    {ENCODER_OUTPUT: [1, dim, *emb]})
         dummy = (
             torch.randn(1, dim, *emb),
             torch.randint(0, size, (2, 3, 2), dtype=torch.float32),
@@ -461,7 +298,7 @@ def export_onnx(arch: str | None, checkpoint: str | Path | None, out_dir: str | 
         for name, multimask in (("decoder.onnx", True), ("decoder_single.onnx", False)):
             k = 3 if multimask else 1
             _export_one(dec_cls(model, multimask), dummy, tmp / name,
-                        samrt.DECODER_INPUTS, samrt.DECODER_OUTPUTS, axes,
+                        DECODER_INPUTS, DECODER_OUTPUTS, axes,
                         {"low_res_masks": ["num_prompts", k, low, low],
                          "iou_predictions": ["num_prompts", k]})
         meta = {
@@ -484,17 +321,17 @@ def export_onnx(arch: str | None, checkpoint: str | Path | None, out_dir: str | 
             "torch": torch.__version__,
             "exported_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "files": {
-                "encoder": _file_entry(tmp, "encoder.onnx", inputs=[samrt.ENCODER_INPUT],
-                                       outputs=[samrt.ENCODER_OUTPUT]),
+                "encoder": _file_entry(tmp, "encoder.onnx", inputs=[ENCODER_INPUT],
+                                       outputs=[ENCODER_OUTPUT]),
                 "decoder": _file_entry(tmp, "decoder.onnx", multimask=True, num_masks=3,
-                                       inputs=list(samrt.DECODER_INPUTS),
-                                       outputs=list(samrt.DECODER_OUTPUTS)),
+                                       inputs=list(DECODER_INPUTS),
+                                       outputs=list(DECODER_OUTPUTS)),
                 "decoder_single": _file_entry(tmp, "decoder_single.onnx", multimask=False,
-                                              num_masks=1, inputs=list(samrt.DECODER_INPUTS),
-                                              outputs=list(samrt.DECODER_OUTPUTS)),
+                                              num_masks=1, inputs=list(DECODER_INPUTS),
+                                              outputs=list(DECODER_OUTPUTS)),
             },
         }
-        (tmp / samrt.META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         if target.exists():
             shutil.rmtree(target)
         os.replace(tmp, target)
@@ -506,15 +343,15 @@ def export_onnx(arch: str | None, checkpoint: str | Path | None, out_dir: str | 
 
 
 def _result(target: Path) -> dict[str, Path]:
-    meta = json.loads((target / samrt.META_FILE).read_text())
+    meta = json.loads((target / META_FILE).read_text())
     out = {k: target / v["path"] for k, v in meta["files"].items()}
-    out["meta"] = target / samrt.META_FILE
+    out["meta"] = target / META_FILE
     return out
 
 
 def verify_export(exported: Mapping[str, Any] | str | Path) -> list[str]:
     """Recompute every file's sha256 against ``sam.json``; returns the problems (empty = ok)."""
-    files = samrt.SamModelFiles.load(exported if isinstance(exported, Mapping)
+    files = SamModelFiles.load(exported if isinstance(exported, Mapping)
                                      else Path(exported))
     root = Path(files.encoder).parent
     problems = []
@@ -529,171 +366,3 @@ def verify_export(exported: Mapping[str, Any] | str | Path) -> list[str]:
                 problems.append(f"{key}: {p} sha256 mismatch")
     return problems
 
-
-# --------------------------------------------------------------------------- parity
-def _compare_set(ours: samrt.SamResult, refs: list[tuple[np.ndarray, np.ndarray, np.ndarray]]
-                 ) -> dict[str, Any]:
-    """ours (batched) vs per-prompt reference (masks [K,H,W] bool, iou [K], low [K,256,256])."""
-    low_diff, iou_diff, mask_ious, agree = [], [], [], []
-    for i, (r_masks, r_iou, r_low) in enumerate(refs):
-        low_diff.append(float(np.abs(ours.low_res_logits[i] - r_low).max()))
-        iou_diff.append(float(np.abs(ours.iou_predictions[i] - r_iou).max()))
-        r_best = int(np.argmax(r_iou))
-        agree.append(int(ours.chosen[i]) == r_best)
-        mask_ious.append(samrt.mask_iou(ours.masks[i], r_masks[r_best]))
-    return {
-        "n": len(refs),
-        "low_res_max_abs_diff": max(low_diff) if low_diff else 0.0,
-        "iou_pred_max_abs_diff": max(iou_diff) if iou_diff else 0.0,
-        "mask_iou_min": min(mask_ious) if mask_ious else 1.0,
-        "mask_iou_mean": float(np.mean(mask_ious)) if mask_ious else 1.0,
-        "mask_iou": mask_ious,
-        "chosen_agree": float(np.mean(agree)) if agree else 1.0,
-        "mask_fraction": [float(m.mean()) for m in ours.masks],
-        "low_res_abs_max": float(np.abs(ours.low_res_logits).max()) if len(ours) else 0.0,
-    }
-
-
-def _set_ok(d: Mapping[str, Any]) -> bool:
-    return (d["low_res_max_abs_diff"] <= TOLERANCES["low_res_max_abs_diff"]
-            and d["iou_pred_max_abs_diff"] <= TOLERANCES["iou_pred_max_abs_diff"]
-            and d["mask_iou_min"] >= TOLERANCES["mask_iou_min"])
-
-
-def parity_check(arch: str | None, checkpoint: str | Path | Any,
-                 exported: Mapping[str, Any] | str | Path | Any, image_bgr: np.ndarray,
-                 boxes: Any, *, points: Any = None, point_labels: Any = None,
-                 multimask_modes: Sequence[bool] = (True, False), decoder_only: bool = False,
-                 engine_config: Any = None, seed: int | None = None) -> dict[str, Any]:
-    """Our ONNX path vs the reference ``SamPredictor`` (torch, same weights) on one image:
-    ``segment_anything``'s for ViT-B/L/H, ``mobile_sam``'s for vit_t.
-
-    checkpoint  a ``.pth`` path, an already loaded ``Sam`` module (saves a reload), or None
-                with ``seed``: the seeded random weights ``export_onnx(..., seed=)`` used.
-    exported    ``export_onnx``'s dict / an export dir, or a :class:`SamSegmenter` (reused).
-                Built on ONNX Runtime CPU unless ``engine_config`` says otherwise (the
-                reference-grade path; GPU backends have their own tolerances).
-    boxes       [N,4] xyxy prompts (e.g. COCO GT boxes); ``points`` [M,P,2] with
-                ``point_labels`` [M,P] add point prompts (positive and negative points).
-    Each prompt is run through ``SamPredictor.predict`` one at a time (the official
-    single-prompt API) and through our batched decoder; for every ``multimask_modes`` entry
-    it reports the max abs diff of the low-res logits (all K candidates), of the IoU
-    predictions, the binary-mask IoU of the chosen mask at the original size, and whether
-    the chosen candidate agrees. Point prompts also run a refinement round (the best
-    multimask low-res logits fed back as ``mask_input``). With ``decoder_only`` the
-    ``*_decoder_only`` sets feed the torch embedding to our decoder (isolates the decoder
-    export). Also: preprocessing diff (our [1,3,1024,1024] tensor vs
-    ``model.preprocess(transform.apply_image(...))``), resized-uint8 equality, embedding
-    diff, timings, the reference package and version, ``passed`` against :data:`TOLERANCES`.
-    """
-    import torch
-
-    from perception2d_ros.engines.factory import EngineConfig
-
-    if isinstance(checkpoint, torch.nn.Module):
-        model = checkpoint
-    elif checkpoint is None:
-        if seed is None or arch is None:
-            raise ValueError("parity_check needs a checkpoint, or arch and seed for random "
-                             "weights")
-        model = random_sam(arch, seed)
-    else:
-        model = load_sam(checkpoint, arch)
-    model = model.eval()
-    found = infer_arch(model.state_dict())
-    if arch is not None and canonical_arch(arch) != found:
-        raise ValueError(f"the SAM module is {found}, not {arch}")
-    arch = found
-    SamPredictor = reference_package(arch).SamPredictor  # noqa: N806
-    if isinstance(exported, samrt.SamSegmenter):
-        seg = exported
-    else:
-        seg = samrt.SamSegmenter.from_exported(
-            exported, engine_config or EngineConfig(backend="onnxruntime", device="cpu"))
-    rgb = np.ascontiguousarray(image_bgr[:, :, ::-1])
-    report: dict[str, Any] = {"arch": arch, "reference": reference_version(arch),
-                              "image_size": list(image_bgr.shape[:2]),
-                              "tolerances": dict(TOLERANCES)}
-    # preprocessing
-    ref_resized = SamPredictor(model).transform.apply_image(rgb)
-    ours_resized = seg.transform.apply_image(rgb)
-    report["resized_uint8_equal"] = bool(ours_resized.shape == ref_resized.shape
-                                         and np.array_equal(ours_resized, ref_resized))
-    with torch.no_grad():
-        ref_in = model.preprocess(torch.as_tensor(ref_resized).permute(2, 0, 1)[None]
-                                  .contiguous()).numpy()
-    ours_in = seg.preprocess(image_bgr)
-    report["preprocess_max_abs_diff"] = float(np.abs(ours_in - ref_in).max())
-    # encoders
-    predictor = SamPredictor(model)
-    t0 = time.perf_counter()
-    predictor.set_image(rgb, image_format="RGB")
-    t1 = time.perf_counter()
-    seg.set_image(image_bgr)
-    t2 = time.perf_counter()
-    ref_emb = predictor.features.numpy()
-    report["embedding_max_abs_diff"] = float(np.abs(seg.embedding - ref_emb).max())
-    report["embedding_abs_max"] = float(np.abs(ref_emb).max())
-    report["timings"] = {"torch_encoder_s": t1 - t0, "onnx_encoder_s": t2 - t1}
-
-    box_arr = None if boxes is None else np.asarray(boxes, np.float64).reshape(-1, 4)
-    sets: list[tuple[str, dict[str, Any]]] = []
-    if box_arr is not None and len(box_arr):
-        sets.append(("boxes", {"boxes": box_arr}))
-    if points is not None:
-        pts = np.asarray(points, np.float64)
-        labs = np.asarray(point_labels, np.float32)
-        if pts.ndim == 2:
-            pts, labs = pts[None], labs[None]
-        sets.append(("points", {"points": pts, "point_labels": labs}))
-
-    def reference(kind: str, args: dict[str, Any], i: int, mm: bool) -> tuple:
-        if kind == "boxes":
-            m, q, low = predictor.predict(box=args["boxes"][i], multimask_output=mm)
-        else:
-            m, q, low = predictor.predict(point_coords=args["points"][i],
-                                          point_labels=args["point_labels"][i],
-                                          multimask_output=mm)
-        return m, q, low
-
-    ok = report["preprocess_max_abs_diff"] <= TOLERANCES["preprocess_max_abs_diff"]
-    ok = ok and report["resized_uint8_equal"]
-    ref_cache: dict[str, list] = {}
-    for kind, args in sets:
-        n = len(args.get("boxes", args.get("points")))
-        for mm in multimask_modes:
-            tag = f"{kind}_{'multi' if mm else 'single'}"
-            t0 = time.perf_counter()
-            refs = [reference(kind, args, i, mm) for i in range(n)]
-            t1 = time.perf_counter()
-            ours = seg.predict(multimask=mm, **args)
-            t2 = time.perf_counter()
-            d = _compare_set(ours, refs)
-            d["torch_decoder_s"] = t1 - t0
-            d["onnx_decoder_s"] = t2 - t1
-            report[tag] = d
-            ref_cache[tag] = refs
-            ok = ok and _set_ok(d)
-    if "points_multi" in ref_cache:
-        # refinement: the best low-res logits of the click prompts fed back as mask_input
-        args = dict(sets)["points"]
-        mask_in = np.stack([low[int(np.argmax(q))] for _, q, low in ref_cache["points_multi"]])
-        refs = [predictor.predict(point_coords=args["points"][i],
-                                  point_labels=args["point_labels"][i],
-                                  mask_input=mask_in[i][None], multimask_output=False)
-                for i in range(len(mask_in))]
-        d = _compare_set(seg.predict(multimask=False, mask_input=mask_in, **args), refs)
-        report["points_refined_single"] = d
-        ok = ok and _set_ok(d)
-    # decoder alone on the torch embedding
-    our_emb = seg.embedding
-    seg.set_embedding(ref_emb, image_bgr.shape[:2])
-    for kind, args in (sets if decoder_only else []):
-        n = len(args.get("boxes", args.get("points")))
-        mm = True
-        refs = [reference(kind, args, i, mm) for i in range(n)]
-        report[f"{kind}_multi_decoder_only"] = _compare_set(seg.predict(multimask=mm, **args),
-                                                            refs)
-    seg.set_embedding(our_emb, image_bgr.shape[:2])
-    report["passed"] = bool(ok)
-    return report

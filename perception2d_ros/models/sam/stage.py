@@ -96,7 +96,7 @@ def combine(results: list[Any], hw: tuple[int, int], n_det: int, min_score: floa
     masks = np.concatenate([r.masks for r in results])
     masks = masks & keep[:, None, None]
 
-    from perception2d_ros.models.sam.runtime import SamResult, instance_id_image
+    from perception2d_ros.models.sam.results import SamResult, instance_id_image
 
     n = len(masks)
     merged = SamResult(masks, scores, stability, np.zeros(n, np.int64),
@@ -107,7 +107,8 @@ def combine(results: list[Any], hw: tuple[int, int], n_det: int, min_score: floa
 
 def build_stage(cfg: dict[str, Any]) -> SamStage:
     from perception2d_ros.engines.factory import EngineConfig
-    from perception2d_ros.models.sam.runtime import SamSegmenter, resolve_model_files
+    from perception2d_ros.models.sam.files import resolve_model_files
+    from perception2d_ros.models.sam.runtime import SamSegmenter
 
     s = {**DEFAULTS, **(cfg.get("sam") or {})}
     files = resolve_model_files(s["model"], checkpoint=s["checkpoint"] or None,

@@ -139,7 +139,7 @@ def load_labels(path: str | Path) -> list[str]:
 
 
 class YoloDetector:
-    """A YOLO model on an :class:`~perception2d_ros.engines.engines.Engine`.
+    """A YOLO model on an :class:`~perception2d_ros.engines.base.Engine`.
 
     Args:
         engine: the engine running the ONNX/TensorRT/torch model (one image input NCHW).
