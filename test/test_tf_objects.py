@@ -104,7 +104,7 @@ def test_minivan_ahead_is_about_30m_and_moves_smoothly():
     ("depth_topic", 3, "depth_topic: 3 must be a topic name string"),
 ])
 def test_config_errors_name_the_parameter(key, value, match):
-    from perception2d_ros.pipeline.build import merge_config, validate_config
+    from perception2d_ros.pipeline.config import merge_config, validate_config
 
     group, _, name = key.rpartition(".")
     cfg = merge_config({group: {name: value}} if group else {name: value})

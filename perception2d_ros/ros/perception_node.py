@@ -32,8 +32,9 @@ from rclpy.qos_overriding_options import QoSOverridingOptions
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image
 
 from perception2d_ros.pipeline.flow import ApproximateSync, ErrorReporter, LatestSlot, error_key
-from perception2d_ros.pipeline.build import (INTERPOLATIONS, STAGE_GROUPS, STAGE_ORDER, Pipeline,
-                                             build_pipeline, merge_config)
+from perception2d_ros.pipeline.build import Pipeline, build_pipeline
+from perception2d_ros.pipeline.config import STAGE_GROUPS, STAGE_ORDER, merge_config
+from perception2d_ros.pipeline.rectify import INTERPOLATIONS
 from perception2d_ros.ros import conversions as conv
 from perception2d_ros.ros.publishing import FrameRunner
 
