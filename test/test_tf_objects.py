@@ -531,7 +531,7 @@ def test_live_node_depth_topic_32fc1():
 @pytest.mark.ros
 def test_node_refuses_a_bad_extrinsics_source():
     pytest.importorskip("rclpy", reason="node tests need rclpy (installed by `make test`)")
-    from perception2d_ros.ros.perception_node import check_parameter
+    from perception2d_ros.ros.node_params import check_parameter
 
     assert check_parameter("extrinsics.source", "tf") is None
     assert check_parameter("extrinsics.source", "lidar") == \
