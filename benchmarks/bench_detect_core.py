@@ -27,7 +27,7 @@ def _median_ms(fn, repeat: int) -> float:  # noqa: ANN001
 def main() -> None:
     import cv2
 
-    from perception2d_ros.engines.engines import EngineConfig
+    from perception2d_ros.engines.factory import EngineConfig
     from perception2d_ros.models.yolo.preprocess import Letterbox
     from perception2d_ros.models.yolo.detector import YoloDetector
 

@@ -13,10 +13,11 @@ resampling (issue 20), measured interleaved in one run, plus what the multi-scal
   windows, stitching, argmax) with the network replaced by a stub returning fixed embeddings,
   and the number of network passes per frame (the real cost: passes x one inference).
 
-The "before" implementation is ``perception2d_ros/models/lseg/labeler.py`` at ``--before`` (read with
-``git show``). Inputs: a real ADE20K photo (test/data) resized to each size; embeddings derived
-from the photo (pixels softly assigned to N colour/position clusters, each cluster a random
-unit vector), so label regions follow the image as with real weights.
+The "before" implementation is ``perception2d_ros/core/lseg.py`` (its path before the package
+layout of issue 16) at ``--before``, read with ``git show``. Inputs: a real ADE20K photo
+(test/data) resized to each size; embeddings derived from the photo (pixels softly assigned to
+N colour/position clusters, each cluster a random unit vector), so label regions follow the
+image as with real weights.
 """
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ PHOTO = ROOT / "test" / "data" / "segmentation" / "ADE_train_00016869.jpg"
 
 
 def _load_before(commit: str):  # noqa: ANN202
-    src = subprocess.run(["git", "show", f"{commit}:perception2d_ros/models/lseg/labeler.py"], cwd=ROOT,
+    src = subprocess.run(["git", "show", f"{commit}:perception2d_ros/core/lseg.py"], cwd=ROOT,
                          check=True, capture_output=True, text=True).stdout
     d = Path(tempfile.mkdtemp()) / "a" / "b"
     d.mkdir(parents=True)
@@ -94,7 +95,10 @@ def _ms(fn, repeat: int) -> float:  # noqa: ANN001
 def main() -> int:
     import cv2
 
-    from perception2d_ros.models.lseg import labeler as after
+    from perception2d_ros.models.lseg.labeler import LSegSegmenter
+    from perception2d_ros.models.lseg.labelmap import label_map_from_embeddings
+    from perception2d_ros.models.lseg.meta import LSegMeta
+    from perception2d_ros.models.lseg.resample import parse_scales, preprocess, scale_plans
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--before", default="06f6682", help="commit of the 'before' lseg.py")
@@ -113,18 +117,18 @@ def main() -> int:
         img = cv2.resize(photo, (w, h), interpolation=cv2.INTER_AREA)
         for n in (int(v) for v in args.vocab.split(",")):
             emb, text = image_embeddings(img, n)
-            meta_a, meta_b = after.LSegMeta(), before.LSegMeta()
-            _, box_a = after.preprocess(img, meta_a)
+            meta_a, meta_b = LSegMeta(), before.LSegMeta()
+            _, box_a = preprocess(img, meta_a)
             _, box_b = before.preprocess(img, meta_b)
-            res_a = after.label_map_from_embeddings(emb, text, meta_a, box_a)
+            res_a = label_map_from_embeddings(emb, text, meta_a, box_a)
             res_b = before.label_map_from_embeddings(emb, text, meta_b, box_b)
             pre_a, pre_b, head_a, head_b = [], [], [], []
             for _ in range(args.repeat):        # interleaved: both see the same load
                 pre_b.append(_ms(lambda: before.preprocess(img, meta_b), 1))
-                pre_a.append(_ms(lambda: after.preprocess(img, meta_a), 1))
+                pre_a.append(_ms(lambda: preprocess(img, meta_a), 1))
                 head_b.append(_ms(lambda: before.label_map_from_embeddings(
                     emb, text, meta_b, box_b), 1))
-                head_a.append(_ms(lambda: after.label_map_from_embeddings(
+                head_a.append(_ms(lambda: label_map_from_embeddings(
                     emb, text, meta_a, box_a), 1))
             med = statistics.median
             row = {"size": size, "phrases": n, "labels_present": int(len(np.unique(
@@ -139,9 +143,9 @@ def main() -> int:
                 rows.append(row)
                 print(json.dumps(row), flush=True)
                 continue
-            seg = after.LSegSegmenter(_StubEngine(emb), meta_a)
-            scales = after.parse_scales(args.scales)
-            plans = after.scale_plans(img.shape[:2], meta_a.input_size, scales)
+            seg = LSegSegmenter(_StubEngine(emb), meta_a)
+            scales = parse_scales(args.scales)
+            plans = scale_plans(img.shape[:2], meta_a.input_size, scales)
             passes = 2 * sum(len(p.windows) for p in plans)
             ms = _ms(lambda: seg.segment(img, text, scales=scales, flip=True), 2)
             row["multiscale"] = {"scales": list(scales), "flip": True,

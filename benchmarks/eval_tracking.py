@@ -162,7 +162,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from perception2d_ros.bench.common import machine_info
-    from perception2d_ros.engines.engines import EngineConfig
+    from perception2d_ros.engines.factory import EngineConfig
     from perception2d_ros.models.tracking.bytetrack import DEFAULTS
     from perception2d_ros.models.yolo.detector import YoloDetector
 

@@ -8,7 +8,7 @@ Sections (each in its own try/except: a failure is recorded in the JSON, never f
 
 a) ``yolox_nano``: the real ``models/yolox_nano.onnx`` (its weights and graph) run by torch
    through ``perception2d_ros.engines.onnx_torch`` (a small ONNX→torch interpreter; onnx2torch
-   and the YOLOX sources are not needed) inside our ``engines.TorchEngine``: fp32 eager,
+   and the YOLOX sources are not needed) inside our ``torch_backend.TorchEngine``: fp32 eager,
    fp16 eager, fp16 + CUDA graph, batch 1, 416×416. ``engine.infer`` = numpy in → numpy out
    (H2D + model + D2H); ``device_forward`` = the model on a device tensor only. Parity
    against ONNX Runtime (CPU) on a real frame. ONNX Runtime CPU on this machine for reference.
@@ -191,7 +191,7 @@ class Bench:
                                distortion_model="plumb_bob", r=CAMERAV1["r"], p=CAMERAV1["p"])
 
     def ort_detector(self, conf: float = 0.3) -> Any:
-        from perception2d_ros.engines.engines import OrtEngine
+        from perception2d_ros.engines.onnxruntime_backend import OrtEngine
         from perception2d_ros.models.yolo.detector import YoloDetector
 
         engine = OrtEngine(MODEL, device="cpu")
@@ -201,7 +201,8 @@ class Bench:
     def models_yolox(self) -> None:
         torch = self.need_torch()
         from perception2d_ros.engines.onnx_torch import load_onnx_module
-        from perception2d_ros.engines.engines import TensorSpec, TorchEngine
+        from perception2d_ros.engines.base import TensorSpec
+        from perception2d_ros.engines.torch_backend import TorchEngine
 
         det = self.ort_detector()
         frame = self.frames(1)[0]
@@ -256,7 +257,8 @@ class Bench:
 
     def models_clip(self) -> None:
         torch = self.need_torch()
-        from perception2d_ros.engines.engines import TensorSpec, TorchEngine
+        from perception2d_ros.engines.base import TensorSpec
+        from perception2d_ros.engines.torch_backend import TorchEngine
 
         if importlib.util.find_spec("open_clip") is not None:
             import open_clip
@@ -307,7 +309,8 @@ class Bench:
     def models_sam(self) -> None:
         """SAM ViT-B image encoder (segment_anything, random init) at 1024, batch 1."""
         torch = self.need_torch()
-        from perception2d_ros.engines.engines import TensorSpec, TorchEngine
+        from perception2d_ros.engines.base import TensorSpec
+        from perception2d_ros.engines.torch_backend import TorchEngine
 
         if importlib.util.find_spec("segment_anything") is None:
             self.skipped["sam_vit_b_encoder"] = "segment_anything not importable"

@@ -6,7 +6,7 @@ the nodes run) at 1280×720, paced at 30 Hz and flat out — one prepared script
     python3 benchmarks/gpu_pipeline.py --device cpu --quick --out /tmp/p.json   # smoke test
 
 Chains measured (every model on the torch backend = the exported ONNX graph run by
-``core/onnx_torch``, fp16, CUDA graphs; frames on the device, ``detect.device_frames``):
+``engines/onnx_torch``, fp16, CUDA graphs; frames on the device, ``detect.device_frames``):
 
 * ``rectify+detect``: camerav1 calibration, YOLOX-nano (the shipped weights);
 * ``+sam_vit_t+clip``: + MobileSAM on every box + CLIP ViT-B/32 crop labels and frame label;
@@ -114,7 +114,7 @@ class Run:
 
     def export(self) -> dict[str, Any]:
         from perception2d_ros.models.sam import export as sam_export
-        from perception2d_ros.models.clip import model as clip_model
+        from perception2d_ros.models.clip import export as clip_export
 
         root = Path(tempfile.mkdtemp(prefix="p2d_exports_"))
         res = {}
@@ -125,7 +125,7 @@ class Run:
                                                                  seed=0)
             res[f"sam_{arch}_s"] = round(time.perf_counter() - t, 1)
         t = time.perf_counter()
-        self.exports["clip"] = clip_model.export_onnx("ViT-B-32", None, root / "clip", seed=0)
+        self.exports["clip"] = clip_export.export_onnx("ViT-B-32", None, root / "clip", seed=0)
         res["clip_b32_s"] = round(time.perf_counter() - t, 1)
         return res
 
@@ -269,7 +269,7 @@ class Run:
     # ------------------------------------------------------------------ floors
     def floors(self) -> dict[str, Any]:
         """Raw engine calls on device tensors (fp16, CUDA graph): the stage floors."""
-        from perception2d_ros.engines.engines import EngineConfig, create_engine
+        from perception2d_ros.engines.factory import EngineConfig, create_engine
 
         torch = self.torch
         cfg = EngineConfig(backend="torch", device=self.device,
@@ -318,7 +318,7 @@ class Run:
         """The fp16 CUDA path vs the fp32 host reference path on real frames: detections,
         SAM masks (MobileSAM), CLIP embeddings."""
         from perception2d_ros.models.clip.labeler import ClipLabeler
-        from perception2d_ros.engines.engines import EngineConfig
+        from perception2d_ros.engines.factory import EngineConfig
         from perception2d_ros.models.sam.runtime import SamSegmenter, mask_iou
         from perception2d_ros.models.yolo.detector import YoloDetector
 

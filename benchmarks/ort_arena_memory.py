@@ -7,7 +7,7 @@ Each setting runs in a fresh process: load the session, run it ``--runs`` times 
 input (dynamic dims = 1), report the process's peak RSS (getrusage ru_maxrss) after loading
 and after each run, and the run times. Without ``--onnx`` the official SAM ViT-B encoder
 architecture with seeded random weights is exported first (needs the torch extra; a minute or
-more on a CPU). Why: engines.OrtEngine turns the arena off for big models
+more on a CPU). Why: engines.onnxruntime_backend.OrtEngine turns the arena off for big models
 (``BIG_MODEL_BYTES``), which keeps the SAM parity tests under the 8 GB per-process limit.
 """
 from __future__ import annotations

@@ -1,2 +1,3 @@
-"""perception2d: ROS 2 camera perception. ``core`` is ROS-free; ``ros`` is the thin ROS layer."""
-__version__ = "0.1.0"
+"""perception2d: ROS 2 camera perception. Layers, bottom to top: geometry/ and io/ ->
+engines/ -> models/ -> pipeline/ -> ros/ -> cli/, bench/, demo/ (README: Architecture).
+Only ros/ (and the top layer) import rclpy."""

@@ -168,6 +168,9 @@ def test_ros_only_in_the_ros_layers():
 
 
 def test_package_inits_say_what_lives_there_and_import_nothing():
+    dirs = {p.parent for p in ROOT.rglob("*.py")}
+    missing = sorted(str(d) for d in dirs if not (d / "__init__.py").is_file())
+    assert not missing, f"no __init__.py (setup.py's find_packages would not install): {missing}"
     for p in ROOT.rglob("__init__.py"):
         tree = ast.parse(p.read_text())
         doc = ast.get_docstring(tree)

@@ -1,4 +1,4 @@
-"""Bags: ``perception2d bag make/info/play/record``, ``perception2d rectify`` and core.bagio.
+"""Bags: ``perception2d bag make/info/play/record``, ``perception2d rectify`` and io/bag_*.
 
 Everything runs on the real chessboard images and calibration in test/data; play/record go
 over real DDS (localhost, SHM profile from conftest) both in-process and via the CLI.
@@ -18,16 +18,11 @@ import numpy as np
 import pytest
 
 from perception2d_ros.cli.main import main
-from perception2d_ros.io.bagio import (
-    BagReader,
-    BagWriter,
-    bag_info,
-    find_interface_dirs,
-    image_to_numpy,
-    make_typestore,
-    register_msg_dir,
-    stamp_to_ns,
-)
+from perception2d_ros.io.bag_messages import image_to_numpy, stamp_to_ns
+from perception2d_ros.io.bag_reader import BagReader
+from perception2d_ros.io.bag_topics import bag_info
+from perception2d_ros.io.bag_types import find_interface_dirs, make_typestore, register_msg_dir
+from perception2d_ros.io.bag_writer import BagWriter
 from perception2d_ros.geometry.camera import CameraModel
 
 DATA = Path(__file__).resolve().parent / "data"
@@ -199,7 +194,7 @@ def test_info_cli(chess_bag: Path, capsys: pytest.CaptureFixture) -> None:
     assert main(["bag", "info", str(chess_bag.parent / "missing.mcap")]) == 1
 
 
-# --------------------------------------------------------------------------------- bagio API
+# ----------------------------------------------------------------------------------- bag API
 def test_writer_is_atomic_and_validates(tmp_path: Path) -> None:
     out = tmp_path / "x.mcap"
     with pytest.raises(RuntimeError, match="boom"):

@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from perception2d_ros.io.bagio import BagReader, BagWriter, find_installed_interface_dir
+from perception2d_ros.io.bag_reader import BagReader
+from perception2d_ros.io.bag_types import find_installed_interface_dir
+from perception2d_ros.io.bag_writer import BagWriter
 
 
 def _install(prefix: Path, package: str, msgs: dict[str, str]) -> Path:

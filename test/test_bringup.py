@@ -124,7 +124,8 @@ def _run_demo(out: Path, pipeline: bool, bag: Path | None = None) -> dict:
 
 
 def _outputs(bag: Path) -> dict[str, dict[int, bytes]]:
-    from perception2d_ros.io.bagio import BagReader, find_interface_dirs
+    from perception2d_ros.io.bag_reader import BagReader
+    from perception2d_ros.io.bag_types import find_interface_dirs
 
     out: dict[str, dict[int, bytes]] = {}
     with BagReader(bag, msg_dirs=find_interface_dirs()) as reader:
@@ -155,7 +156,7 @@ def test_end_to_end_pipeline_and_separate_nodes_agree(tmp_path):
     for topic in out_a:
         assert out_a[topic] == out_b[topic], topic
     # input stamps are preserved on every output
-    from perception2d_ros.io.bagio import BagReader
+    from perception2d_ros.io.bag_reader import BagReader
 
     with BagReader(tmp_path / "pipeline" / "input.mcap") as reader:
         stamps = {m.timestamp_ns for m in reader.messages(topics=["/camera/image_raw"])}

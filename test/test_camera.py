@@ -1,4 +1,5 @@
-"""Tests for perception2d_ros.geometry.camera on real calibration data.
+"""Tests for perception2d_ros.geometry.camera (and its calibration, distortion and extrinsics
+modules) on real calibration data.
 
 Data: OpenCV's left01..14.jpg chessboard sample (9x6 inner corners) with its intrinsics
 (left_intrinsics.yml, OpenCV FileStorage) and camera_calibration YAMLs in
@@ -18,12 +19,9 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from perception2d_ros.geometry.camera import (
-    BODY_TO_OPTICAL,
-    DISTORTION_MODELS,
-    CameraModel,
-    Extrinsics,
-)
+from perception2d_ros.geometry.camera import CameraModel
+from perception2d_ros.geometry.distortion import DISTORTION_MODELS
+from perception2d_ros.geometry.extrinsics import BODY_TO_OPTICAL, Extrinsics
 
 BOARD = (9, 6)  # inner corners (columns, rows)
 

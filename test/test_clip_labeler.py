@@ -17,7 +17,7 @@ from perception2d_ros.models.clip.preprocess import (
     MEAN_RGB_U8, preprocess_bgr, square_box, square_crop, to_rgb)
 from perception2d_ros.models.clip.vocabulary import (
     DEFAULT_TEMPLATES, TextEmbeddingCache, Vocabulary, normalize_templates)
-from perception2d_ros.engines.engines import EngineConfig
+from perception2d_ros.engines.factory import EngineConfig
 
 COCO_IMAGES = sorted((Path(__file__).parent / "data" / "coco" / "images").glob("*.jpg"))
 CPU = EngineConfig(backend="onnxruntime", device="cpu")
@@ -66,14 +66,15 @@ def test_square_crop_geometry_clamps_and_pads():
 def clip_bundle(tmp_path_factory, arch: str, fmt: str, suffix: str) -> dict:
     """Same helper as in test_clip_parity.py: the session's seeded checkpoint + export
     (created by whichever CLIP test file runs first, reused by the other)."""
-    from perception2d_ros.models.clip import model as M
+    from perception2d_ros.models.clip.checkpoint import make_test_checkpoint
+    from perception2d_ros.models.clip.export import export_dir_for, export_onnx
 
     base = tmp_path_factory.getbasetemp() / f"clip-{arch}-{fmt}"
     ckpt = base / f"{arch}{suffix}"
     if not ckpt.is_file():
-        M.make_test_checkpoint(arch, ckpt, seed=0, fmt=fmt, logit_scale=100.0)
+        make_test_checkpoint(arch, ckpt, seed=0, fmt=fmt, logit_scale=100.0)
     cache = base / "cache"
-    exported = M.export_onnx(arch, ckpt, M.export_dir_for(arch, ckpt, cache / "clip"))
+    exported = export_onnx(arch, ckpt, export_dir_for(arch, ckpt, cache / "clip"))
     return {"arch": arch, "ckpt": ckpt, "exported": exported, "cache": cache}
 
 

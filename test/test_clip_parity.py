@@ -27,12 +27,15 @@ open_clip = pytest.importorskip("open_clip")
 
 from PIL import Image  # noqa: E402  (Pillow comes with torchvision)
 
-from perception2d_ros.models.clip import model as M  # noqa: E402
+from perception2d_ros.models.clip.checkpoint import (  # noqa: E402
+    CheckpointError, load_clip, make_test_checkpoint, read_state_dict)
+from perception2d_ros.models.clip.export import export_dir_for, export_onnx  # noqa: E402
 from perception2d_ros.models.clip.labeler import ClipLabeler  # noqa: E402
+from perception2d_ros.models.clip.parity import parity_check  # noqa: E402
 from perception2d_ros.models.clip.preprocess import (  # noqa: E402
     preprocess_bgr, preprocess_crops_bgr, square_crop, to_rgb)
 from perception2d_ros.models.clip.vocabulary import DEFAULT_TEMPLATES  # noqa: E402
-from perception2d_ros.engines.engines import EngineConfig  # noqa: E402
+from perception2d_ros.engines.factory import EngineConfig  # noqa: E402
 from perception2d_ros.engines.model_store import sha256_file  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -60,9 +63,9 @@ def clip_bundle(tmp_path_factory, arch: str, fmt: str, suffix: str, half: bool =
     base = tmp_path_factory.getbasetemp() / f"clip-{arch}-{fmt}"
     ckpt = base / f"{arch}{suffix}"
     if not ckpt.is_file():
-        M.make_test_checkpoint(arch, ckpt, seed=0, fmt=fmt, logit_scale=100.0, half=half)
+        make_test_checkpoint(arch, ckpt, seed=0, fmt=fmt, logit_scale=100.0, half=half)
     cache = base / "cache"
-    exported = M.export_onnx(arch, ckpt, M.export_dir_for(arch, ckpt, cache / "clip"))
+    exported = export_onnx(arch, ckpt, export_dir_for(arch, ckpt, cache / "clip"))
     return {"arch": arch, "ckpt": ckpt, "exported": exported, "cache": cache}
 
 
@@ -122,7 +125,7 @@ def coco_boxes(max_per_image: int = 4, n_images: int = 4) -> list[tuple[Path, np
 
 # --------------------------------------------------------------------------- loader
 def test_loader_equals_open_clip_openai_loader(b32, ref_b32):
-    ours = M.load_clip("ViT-B-32", b32["ckpt"])
+    ours = load_clip("ViT-B-32", b32["ckpt"])
     assert ours._p2d_quick_gelu is True  # OpenAI archives → QuickGELU, as open_clip does
     a, b = ours.state_dict(), ref_b32.state_dict()
     assert set(a) == set(b)
@@ -144,7 +147,7 @@ def test_state_dict_formats_read_identically(tmp_path, ref_b32):
                paths["open_clip.pt"])
     save_file(sd, str(paths["safetensors"]))
     for name, p in paths.items():
-        got = M.read_state_dict(p)
+        got = read_state_dict(p)
         assert set(got) == set(sd), name
         assert all(torch.equal(got[k], sd[k]) for k in sd), name
 
@@ -158,22 +161,22 @@ def test_malicious_checkpoints_are_refused(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     bad = tmp_path / "evil.pt"
     torch.save({"state_dict": {"w": torch.zeros(1)}, "x": _Boom()}, bad)
-    with pytest.raises(M.CheckpointError, match="refused|pickled code"):
-        M.read_state_dict(bad)
+    with pytest.raises(CheckpointError, match="refused|pickled code"):
+        read_state_dict(bad)
     # a TorchScript-looking archive whose data.pkl calls a global
     evil_zip = tmp_path / "evil_ts.pt"
     with zipfile.ZipFile(evil_zip, "w") as z:
         z.writestr("evil_ts/data.pkl", pickle.dumps(_Boom(), protocol=2))
         z.writestr("evil_ts/constants.pkl", pickle.dumps((), protocol=2))
         z.writestr("evil_ts/code/__torch__/m.py", "")
-    with pytest.raises(M.CheckpointError, match="refusing global"):
-        M.read_state_dict(evil_zip)
+    with pytest.raises(CheckpointError, match="refusing global"):
+        read_state_dict(evil_zip)
     assert not (tmp_path / "BOOM_PICKLE_RAN").exists()
 
 
 def test_wrong_arch_is_reported(b32):
-    with pytest.raises(M.CheckpointError, match="wrong --arch"):
-        M.load_clip("ViT-B-16", b32["ckpt"])
+    with pytest.raises(CheckpointError, match="wrong --arch"):
+        load_clip("ViT-B-16", b32["ckpt"])
 
 
 # --------------------------------------------------------------------------- export
@@ -204,7 +207,7 @@ def test_export_files_signature_sidecar_and_cache(b32, labeler_b32):
     assert labeler_b32.text_engine.inputs[0].shape[1] in ("seq", None)  # dynamic length
     # cached: a second export of the same checkpoint returns at once, files untouched
     mtimes = {k: p.stat().st_mtime_ns for k, p in ex.items()}
-    again = M.export_onnx("ViT-B-32", b32["ckpt"], ex["meta"].parent)
+    again = export_onnx("ViT-B-32", b32["ckpt"], ex["meta"].parent)
     assert again == ex and {k: p.stat().st_mtime_ns for k, p in again.items()} == mtimes
 
 
@@ -318,7 +321,7 @@ def test_vit_b16_export_and_parity(tmp_path_factory):
     function `perception2d models export` calls) on one real image and one GT-box crop."""
     b16 = clip_bundle(tmp_path_factory, "ViT-B-16", "safetensors", ".safetensors", half=True)
     path, boxes = coco_boxes(max_per_image=1, n_images=1)[0]
-    report = M.parity_check("ViT-B-16", b16["ckpt"], b16["exported"], cv2.imread(str(path)),
+    report = parity_check("ViT-B-16", b16["ckpt"], b16["exported"], cv2.imread(str(path)),
                             boxes_xyxy=boxes, phrases=PHRASES[:8])
     assert report["ok"], report
     assert report["n_images"] == 2 and report["n_phrases"] == 8

@@ -123,7 +123,7 @@ def _dispatches_per_message(executor_factory, n: int = 20) -> float:
         time.sleep(0.05)
         return calls[0] / n
     finally:
-        from perception2d_ros.bench.stages import _shutdown
+        from perception2d_ros.bench.dds import _shutdown
 
         _shutdown(executor, ctx, spin)
 

@@ -89,7 +89,7 @@ def test_gt_boxes_map_to_rectified_pixels(seq):
 
 
 def test_plan_params_lists_stages_without_weights_once(tmp_path):
-    from perception2d_ros.demo.run import plan_params
+    from perception2d_ros.demo.inputs import plan_params
 
     params = {"stages": ["rectify", "detect", "sam", "clip"], "models_dir": str(tmp_path),
               "extrinsics.enabled": True}
@@ -122,7 +122,8 @@ def test_bag_it_cannot_use_is_one_line(tmp_path):
 
 @pytest.mark.ros
 def test_bag_without_camera_info_is_one_line(tmp_path):
-    from perception2d_ros.io.bagio import BagWriter, image_msg
+    from perception2d_ros.io.bag_messages import image_msg
+    from perception2d_ros.io.bag_writer import BagWriter
 
     bag = tmp_path / "noinfo.mcap"
     with BagWriter(bag) as w:

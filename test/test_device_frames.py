@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from perception2d_ros.geometry.camera import CameraModel
-from perception2d_ros.engines.engines import cuda_available
+from perception2d_ros.engines.base import cuda_available
 from perception2d_ros.pipeline.build import build_pipeline
 from perception2d_ros.pipeline.config import merge_config
 from perception2d_ros.pipeline.frame import Frame
@@ -109,7 +109,7 @@ def test_device_letterbox_equals_the_host_letterbox(data_dir: Path, models_dir: 
 
 
 def _torch_cpu():
-    from perception2d_ros.engines.engines import EngineConfig
+    from perception2d_ros.engines.factory import EngineConfig
 
     return EngineConfig(backend="torch", device="cpu", fallback=False)
 

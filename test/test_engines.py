@@ -14,20 +14,12 @@ from typing import Any
 import numpy as np
 import pytest
 
-from perception2d_ros.engines.engines import (
-    BackendUnavailable,
-    EngineConfig,
-    EngineError,
-    OrtEngine,
-    SignatureError,
-    TensorSpec,
-    TorchEngine,
-    available_backends,
-    create_engine,
-    cuda_available,
-    engine_cache_key,
-    tensorrt_available,
-)
+from perception2d_ros.engines.base import (BackendUnavailable, EngineError, SignatureError,
+                                           TensorSpec, cuda_available)
+from perception2d_ros.engines.factory import EngineConfig, available_backends, create_engine
+from perception2d_ros.engines.onnxruntime_backend import OrtEngine
+from perception2d_ros.engines.tensorrt_backend import engine_cache_key, tensorrt_available
+from perception2d_ros.engines.torch_backend import TorchEngine
 
 TRT_OK, TRT_WHY = tensorrt_available()
 CUDA_OK, CUDA_WHY = cuda_available()
@@ -217,7 +209,7 @@ def test_torch_engine_cuda_matches_onnxruntime(small_model: tuple[Any, Path],
 def test_tensorrt_build_cache_and_match_onnxruntime(small_model: tuple[Any, Path],
                                                     ort_engine: OrtEngine,
                                                     tmp_path: Path) -> None:
-    from perception2d_ros.engines.engines import TensorRTEngine
+    from perception2d_ros.engines.tensorrt_backend import TensorRTEngine
 
     trt = TensorRTEngine(small_model[1], precision="fp32", cache_dir=tmp_path)
     assert trt.engine_path.is_file()

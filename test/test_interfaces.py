@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from perception2d_ros.io.bagio import make_typestore
+from perception2d_ros.io.bag_types import make_typestore
 
 REPO = Path(__file__).resolve().parents[1]
 UPSTREAM_VISION_MSGS_RIHS01 = {
@@ -61,7 +61,7 @@ def test_our_tf2_msgs_copy_hashes_like_upstream():
     """Our interfaces/tf2_msgs (parsed from its .msg, not rosbags' built-in definition)."""
     from rosbags.typesys import Stores, get_typestore
 
-    from perception2d_ros.io.bagio import register_msg_dir
+    from perception2d_ros.io.bag_types import register_msg_dir
 
     store = get_typestore(Stores.EMPTY)
     kilted = get_typestore(Stores.ROS2_KILTED)

@@ -198,7 +198,8 @@ def input_bag(ws: dict) -> Path:
 
 
 def _stamps_and_frames(bag: Path) -> dict[str, list[tuple[int, str]]]:
-    from perception2d_ros.io.bagio import BagReader, find_interface_dirs
+    from perception2d_ros.io.bag_reader import BagReader
+    from perception2d_ros.io.bag_types import find_interface_dirs
 
     out: dict[str, list[tuple[int, str]]] = {}
     with BagReader(bag, msg_dirs=find_interface_dirs()) as reader:

@@ -19,8 +19,16 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("timm")
 pytest.importorskip("onnxruntime")
 
+from perception2d_ros.eval import segmentation as SE  # noqa: E402
+from perception2d_ros.models.lseg import checkpoint as CK  # noqa: E402
+from perception2d_ros.models.lseg import export as EX  # noqa: E402
 from perception2d_ros.models.lseg import labeler as L  # noqa: E402
-from perception2d_ros.models.lseg import model as M  # noqa: E402
+from perception2d_ros.models.lseg import labelmap as LM  # noqa: E402
+from perception2d_ros.models.lseg import meta as MT  # noqa: E402
+from perception2d_ros.models.lseg import net as M  # noqa: E402
+from perception2d_ros.models.lseg import palette as PAL  # noqa: E402
+from perception2d_ros.models.lseg import resample as RS  # noqa: E402
+from perception2d_ros.models.lseg import vocabulary as VO  # noqa: E402
 
 SEG = Path(__file__).resolve().parent / "data" / "segmentation"
 SMALL = "lseg_test_small"
@@ -105,9 +113,9 @@ def _official_layout_vitl16() -> dict[str, tuple[int, ...]]:
 
 def test_full_vitl16_matches_official_layout():
     official = _official_layout_vitl16()
-    ignored = {k for k in official if k.startswith(M.IGNORED_PREFIXES)}
+    ignored = {k for k in official if k.startswith(CK.IGNORED_PREFIXES)}
     assert ignored == {"pretrained.model.head.weight", "pretrained.model.head.bias"}
-    ours = M.official_state_dict_shapes("lseg_vitl16_384")        # meta device
+    ours = CK.official_state_dict_shapes("lseg_vitl16_384")        # meta device
     expected = {k: v for k, v in official.items() if k not in ignored}
     assert set(ours) - set(expected) == set(), "names we have that the official model lacks"
     assert set(expected) - set(ours) == set(), "official names we do not have"
@@ -132,11 +140,11 @@ def test_backbone_matches_timm_vit_large_patch16_384():
 
 
 def test_key_map_is_explicit_and_bijective():
-    km = M.official_key_map("lseg_vitl16_384")
+    km = CK.official_key_map("lseg_vitl16_384")
     assert len(km) == len(set(km.values())) == len(_official_layout_vitl16()) - 2
     for official, ours in km.items():
-        assert M.official_to_ours(official) == ours
-        assert M.ours_to_official(ours) == official
+        assert CK.official_to_ours(official) == ours
+        assert CK.ours_to_official(ours) == official
     spot = {
         "pretrained.model.blocks.23.mlp.fc2.weight": "backbone.blocks.23.mlp.fc2.weight",
         "pretrained.act_postprocess1.0.project.0.weight": "reassemble.0.readout.project.0.weight",
@@ -149,10 +157,10 @@ def test_key_map_is_explicit_and_bijective():
     }
     for official, ours in spot.items():
         assert km[official] == ours
-    assert M.official_to_ours("clip_pretrained.visual.conv1.weight") is None
-    assert M.official_to_ours("pretrained.model.head.weight") is None
+    assert CK.official_to_ours("clip_pretrained.visual.conv1.weight") is None
+    assert CK.official_to_ours("pretrained.model.head.weight") is None
     # head block (arch_option 1/2) maps too
-    km_hb = M.official_key_map(M.get_arch("lseg_vitl16_384", arch_option=1, block_depth=2))
+    km_hb = CK.official_key_map(M.get_arch("lseg_vitl16_384", arch_option=1, block_depth=2))
     assert km_hb["scratch.head_block.depthwise.depthwise.weight"] == "head_block.conv.weight"
 
 
@@ -174,7 +182,7 @@ def _image(name: str) -> np.ndarray:
 def small_export(tmp_path_factory):
     out = tmp_path_factory.mktemp("lseg_export")
     t0 = time.perf_counter()
-    files = M.export_onnx(SMALL, None, out, seed=SEED, input_size=SMALL_SIZE)
+    files = EX.export_onnx(SMALL, None, out, seed=SEED, input_size=SMALL_SIZE)
     files["seconds"] = time.perf_counter() - t0
     return files
 
@@ -186,7 +194,7 @@ def small_net():
 
 @pytest.fixture(scope="module")
 def small_segmenter(small_export):
-    from perception2d_ros.engines.engines import EngineConfig
+    from perception2d_ros.engines.factory import EngineConfig
 
     seg = L.LSegSegmenter.from_onnx(small_export["image"],
                                     EngineConfig(backend="onnxruntime", device="cpu"))
@@ -212,13 +220,13 @@ def test_export_files_and_sidecar(small_export):
     assert meta["mean"] == [0.5, 0.5, 0.5] and meta["std"] == [0.5, 0.5, 0.5]
     assert meta["seed"] == SEED and meta["head_block"] is None
     assert meta["text_model"] == "ViT-B-32"
-    rt = L.LSegMeta.from_sidecar(sidecar)
+    rt = MT.LSegMeta.from_sidecar(sidecar)
     assert rt.input_size == (SMALL_SIZE, SMALL_SIZE) and rt.head_block is None
 
 
 def test_export_without_weights_is_refused(tmp_path):
-    with pytest.raises(M.CheckpointError, match="demo_e200"):
-        M.export_onnx(SMALL, None, tmp_path)
+    with pytest.raises(CK.CheckpointError, match="demo_e200"):
+        EX.export_onnx(SMALL, None, tmp_path)
 
 
 def test_onnx_torch_parity_on_real_images(small_export):
@@ -226,7 +234,7 @@ def test_onnx_torch_parity_on_real_images(small_export):
     Tolerances: pixel-embedding max abs diff <= 1e-4 (unit vectors), per-pixel cosine >=
     0.9999, stride-2 label-map agreement >= 99.9% for 8 image-derived prototype phrases."""
     images = [_image("ADE_train_00016869.jpg"), _image("23_image.png"), _image("114_image.png")]
-    rep = M.parity_check(SMALL, None, small_export, images, seed=SEED,
+    rep = EX.parity_check(SMALL, None, small_export, images, seed=SEED,
                          tolerances={"max_abs": 1e-4, "min_cos": 0.9999,
                                      "label_agreement": 0.999})
     print("parity", json.dumps({k: rep[k] for k in ("max_abs", "min_cos",
@@ -243,11 +251,11 @@ def test_runtime_label_map_matches_torch_official_forward(small_net, small_segme
     equals the network input side (no letterbox): the same x2 upsample (align_corners=True),
     so only near-ties between ORT and torch may differ."""
     img = _image("23_image.png")[:SMALL_SIZE, :SMALL_SIZE]
-    tensor, box = L.preprocess(img, small_segmenter.meta)
+    tensor, box = RS.preprocess(img, small_segmenter.meta)
     assert box.resized == (SMALL_SIZE, SMALL_SIZE)
     with torch.no_grad():
         emb = small_net.pixel_embeddings(torch.from_numpy(tensor))
-        text = torch.from_numpy(M.prototype_embeddings(emb[0].numpy(), 6))
+        text = torch.from_numpy(EX.prototype_embeddings(emb[0].numpy(), 6))
         ref = small_net(torch.from_numpy(tensor), text)[0].argmax(0).numpy()
     res = small_segmenter.segment(img, text.numpy())
     assert res.label_map.shape == img.shape[:2] and res.label_map.dtype == np.uint16
@@ -259,7 +267,7 @@ def test_runtime_label_map_matches_torch_official_forward(small_net, small_segme
 
 # =========================================================================== checkpoints
 def _lightning_checkpoint(net, path, extra_keys=None):
-    sd = M.to_official_state_dict(net)                     # "net." + official names
+    sd = CK.to_official_state_dict(net)                     # "net." + official names
     sd["net.pretrained.model.head.weight"] = torch.zeros(1000, net.arch.embed_dim)
     sd["net.pretrained.model.head.bias"] = torch.zeros(1000)
     sd["net.clip_pretrained.positional_embedding"] = torch.randn(77, 512)
@@ -278,18 +286,18 @@ def test_lightning_checkpoint_roundtrip(tmp_path):
     ckpt = tmp_path / "lseg_small.ckpt"
     _lightning_checkpoint(src, ckpt)
     dst = M.build_model(SMALL, seed=99)
-    x = torch.from_numpy(L.preprocess(_image("1_image.png"),
-                                      L.LSegMeta(input_size=(SMALL_SIZE, SMALL_SIZE)))[0])
+    x = torch.from_numpy(RS.preprocess(_image("1_image.png"),
+                                      MT.LSegMeta(input_size=(SMALL_SIZE, SMALL_SIZE)))[0])
     with torch.no_grad():
         before = dst.pixel_embeddings(x)
-        report = M.load_checkpoint(dst, ckpt)
+        report = CK.load_checkpoint(dst, ckpt)
         a, b = src.pixel_embeddings(x), dst.pixel_embeddings(x)
     assert report == {"loaded": len(src.state_dict()), "clip": 3, "ignored": 2}
     assert torch.equal(a, b)
     assert not torch.allclose(before, b)
     for k, v in src.state_dict().items():
         assert torch.equal(v, dst.state_dict()[k]), k
-    parts = M.split_official_state_dict(M.read_checkpoint(ckpt))
+    parts = CK.split_official_state_dict(CK.read_checkpoint(ckpt))
     assert set(parts["clip"]) == {"positional_embedding", "text_projection", "visual.conv1.weight"}
 
 
@@ -298,29 +306,29 @@ def test_checkpoint_errors(tmp_path):
     # an unknown key
     bad = tmp_path / "bad.ckpt"
     _lightning_checkpoint(net, bad, {"net.something.else": torch.zeros(3)})
-    with pytest.raises(M.CheckpointError, match="not LSeg"):
-        M.load_checkpoint(M.build_model(SMALL, seed=1), bad)
+    with pytest.raises(CK.CheckpointError, match="not LSeg"):
+        CK.load_checkpoint(M.build_model(SMALL, seed=1), bad)
     # a head block the architecture does not have
     hb = tmp_path / "hb.ckpt"
     _lightning_checkpoint(net, hb, {"net.scratch.head_block.depthwise.depthwise.weight":
                                     torch.zeros(1, 1, 3, 3),
                                     "net.scratch.head_block.depthwise.depthwise.bias":
                                     torch.zeros(1)})
-    with pytest.raises(M.CheckpointError, match="arch_option"):
-        M.load_checkpoint(M.build_model(SMALL, seed=1), hb)
+    with pytest.raises(CK.CheckpointError, match="arch_option"):
+        CK.load_checkpoint(M.build_model(SMALL, seed=1), hb)
     # the wrong architecture (shapes)
     ok = tmp_path / "ok.ckpt"
     _lightning_checkpoint(net, ok)
     other = M.get_arch(SMALL, features=32)
-    with pytest.raises(M.CheckpointError, match="shape mismatch"):
-        M.load_checkpoint(M.build_model(other, seed=1), ok)
+    with pytest.raises(CK.CheckpointError, match="shape mismatch"):
+        CK.load_checkpoint(M.build_model(other, seed=1), ok)
     # weights_only: a pickled object is refused, not executed
     evil = tmp_path / "evil.ckpt"
     torch.save({"state_dict": {}, "obj": Path("/tmp")}, evil)
-    with pytest.raises(M.CheckpointError, match="weights_only"):
-        M.read_checkpoint(evil)
-    with pytest.raises(M.CheckpointError, match="not found"):
-        M.read_checkpoint(tmp_path / "missing.ckpt")
+    with pytest.raises(CK.CheckpointError, match="weights_only"):
+        CK.read_checkpoint(evil)
+    with pytest.raises(CK.CheckpointError, match="not found"):
+        CK.read_checkpoint(tmp_path / "missing.ckpt")
 
 
 # =========================================================================== head blocks
@@ -328,21 +336,21 @@ def test_checkpoint_errors(tmp_path):
 def test_head_block_numpy_matches_torch(option, activation):
     arch = M.get_arch(SMALL, arch_option=option, block_depth=3, activation=activation)
     net = M.build_model(arch, seed=5)
-    spec = L.HeadBlock.from_dict(M.head_block_spec(net))
+    spec = MT.HeadBlock.from_dict(EX.head_block_spec(net))
     logits = torch.randn(1, 7, 20, 24) * 5
     with torch.no_grad():
         ref = logits
         for _ in range(arch.block_depth - 1):
             ref = net.head_block(ref)
         ref = net.head_block(ref, False)[0].numpy()
-    got = L.apply_head_block(logits[0].numpy(), spec)
+    got = LM.apply_head_block(logits[0].numpy(), spec)
     np.testing.assert_allclose(got, ref, atol=1e-4, rtol=1e-5)
 
 
 def test_head_block_export_sidecar_and_runtime(tmp_path):
     arch = M.get_arch(SMALL, arch_option=1, block_depth=2, activation="lrelu")
-    files = M.export_onnx(arch, None, tmp_path, seed=7, input_size=128)
-    meta = L.LSegMeta.from_sidecar(files["sidecar"])
+    files = EX.export_onnx(arch, None, tmp_path, seed=7, input_size=128)
+    meta = MT.LSegMeta.from_sidecar(files["sidecar"])
     assert meta.head_block is not None and meta.head_block.kind == "bottleneck"
     net = M.build_model(arch, seed=7)
     assert np.allclose(meta.head_block.weight,
@@ -383,7 +391,7 @@ def _official_upsampled_regions(regions: np.ndarray, n: int) -> np.ndarray:
 
 def test_constructed_regions_give_exact_label_map():
     text = _orthonormal(4)
-    meta = L.LSegMeta(input_size=(96, 128))
+    meta = MT.LSegMeta(input_size=(96, 128))
     regions = np.zeros((48, 64), np.int64)                # stride-2 grid
     regions[:, 20:] = 1
     regions[30:, :40] = 2
@@ -411,7 +419,7 @@ def test_letterbox_maps_back_to_image_exactly():
     """A 60x128 image in a 128x128 input: content in the top 60 rows; the label map comes
     back at 60x128 with the regions where they were drawn (pad rows ignored)."""
     text = _orthonormal(3, seed=1)
-    meta = L.LSegMeta(input_size=(128, 128))
+    meta = MT.LSegMeta(input_size=(128, 128))
     regions = np.full((64, 64), 2, np.int64)              # pad area: class 2 (must vanish)
     regions[:30, :32] = 0
     regions[:30, 32:] = 1
@@ -432,7 +440,7 @@ def test_letterbox_maps_back_to_image_exactly():
 def test_other_threshold_and_catch_all():
     basis = _orthonormal(4, seed=2)
     text = basis[:3]
-    meta = L.LSegMeta(input_size=(32, 32))
+    meta = MT.LSegMeta(input_size=(32, 32))
     emb = _region_embeddings(np.zeros((16, 16), np.int64), text)
     # right half: a unit vector with cosine 0.3 to phrase 0 and 0 to the others
     weak = 0.3 * text[0] + np.sqrt(1 - 0.09) * basis[3]
@@ -457,18 +465,18 @@ def test_vocabulary_change_needs_no_reexport(small_segmenter):
     phrase equal to a region's embedding takes exactly that region's pixels."""
     img = _image("ADE_train_00016900.jpg")
     emb, box = small_segmenter.embed(img)
-    protos = M.prototype_embeddings(emb, 5)
-    base = L.label_map_from_embeddings(emb, protos, small_segmenter.meta, box).label_map
+    protos = EX.prototype_embeddings(emb, 5)
+    base = LM.label_map_from_embeddings(emb, protos, small_segmenter.meta, box).label_map
     assert base.shape == img.shape[:2] and len(np.unique(base)) >= 4
     perm = np.array([3, 0, 4, 1, 2])
-    permuted = L.label_map_from_embeddings(emb, protos[perm], small_segmenter.meta, box).label_map
+    permuted = LM.label_map_from_embeddings(emb, protos[perm], small_segmenter.meta, box).label_map
     inv = np.argsort(perm)
     # identical logits per phrase; only exact ties between two interpolated logits (both
     # labels equally good, a handful of boundary pixels) may resolve to the other index
     assert np.mean(permuted != inv[base]) < 1e-5
     # add a phrase: the embedding of another pixel -> it wins at least where it is best
     extra = emb[:, emb.shape[1] // 3, emb.shape[2] // 5][None]
-    grown = L.label_map_from_embeddings(emb, np.concatenate([protos, extra]),
+    grown = LM.label_map_from_embeddings(emb, np.concatenate([protos, extra]),
                                         small_segmenter.meta, box).label_map
     new = grown == 5
     assert 0 < new.mean() < 1
@@ -479,7 +487,7 @@ def test_constructed_end_to_end_module(tmp_path):
     """A module whose head outputs a known embedding (head1 weight 0, bias = phrase 2's
     embedding) exported to ONNX: every pixel of a real image is phrase 2; reordering the
     vocabulary moves the index, the engine is untouched."""
-    from perception2d_ros.engines.engines import EngineConfig
+    from perception2d_ros.engines.factory import EngineConfig
 
     text = _orthonormal(4, seed=4)
     net = M.build_model(SMALL, seed=1)
@@ -488,7 +496,7 @@ def test_constructed_end_to_end_module(tmp_path):
         net.head.proj.bias.copy_(torch.from_numpy(3.0 * text[2]))
     ckpt = tmp_path / "constructed.pt"
     torch.save(net.state_dict(), ckpt)                       # our own names also load
-    files = M.export_onnx(SMALL, ckpt, tmp_path / "x", input_size=128)
+    files = EX.export_onnx(SMALL, ckpt, tmp_path / "x", input_size=128)
     seg = L.LSegSegmenter.from_onnx(files["image"], EngineConfig(backend="onnxruntime",
                                                                  device="cpu"))
     img = _image("114_image.png")
@@ -512,7 +520,7 @@ def test_label_map_is_argmax_of_officially_resampled_logits(out_size, content):
     n, h, w = 9, 48, 64
     logits = cv2.GaussianBlur(rng.normal(size=(h, w, n)).astype(np.float32), (0, 0), 3)
     logits = np.ascontiguousarray(logits.transpose(2, 0, 1)) * 10
-    res = L.label_map_from_logits(logits, out_size, content=content, logit_scale=2.0,
+    res = LM.label_map_from_logits(logits, out_size, content=content, logit_scale=2.0,
                                   return_confidence=True)
     ch, cw = content or (2 * h, 2 * w)
     up = F.interpolate(torch.from_numpy(logits)[None], scale_factor=2, mode="bilinear",
@@ -529,7 +537,7 @@ def test_large_vocabulary_and_uint16():
     n = 300                                                   # > 255 phrases
     text = _orthonormal(n, seed=5)
     regions = (np.arange(20 * 20).reshape(20, 20) % n).astype(np.int64)
-    meta = L.LSegMeta(input_size=(40, 40))
+    meta = MT.LSegMeta(input_size=(40, 40))
     seg = L.LSegSegmenter(_FixedEngine(_region_embeddings(regions, text)), meta,
                           other_value=65535)
     res = seg.segment(np.zeros((40, 40, 3), np.uint8), text, return_confidence=True)
@@ -537,40 +545,40 @@ def test_large_vocabulary_and_uint16():
     assert res.label_map.max() > 255
     assert res.confidence.shape == (40, 40)
     with pytest.raises(ValueError, match="other_value"):
-        L.label_map_from_logits(np.zeros((300, 4, 4), np.float32), (4, 4))
+        LM.label_map_from_logits(np.zeros((300, 4, 4), np.float32), (4, 4))
     with pytest.raises(ValueError, match="512"):
-        L.similarity_logits(np.zeros((512, 2, 2), np.float32), np.ones((2, 768)), 1.0)
+        LM.similarity_logits(np.zeros((512, 2, 2), np.float32), np.ones((2, 768)), 1.0)
 
 
 # =========================================================================== vocabulary + drawing
 def test_indoor_vocabulary_file():
-    v = L.LSegVocabulary.from_yaml()
+    v = VO.LSegVocabulary.from_yaml()
     for p in ("floor", "wall", "ceiling", "door", "window", "person", "chair", "table", "sofa",
               "bed", "stairs", "cabinet", "shelf", "plant"):
         assert p in v.phrases
     assert v.templates == ("{}",) and v.other_threshold is None
     assert v.text_phrases[-1] == "other" and v.other_classes == (len(v.phrases),)
-    assert L.LSegVocabulary.from_phrases(" floor, wall ,,door").phrases == ("floor", "wall",
+    assert VO.LSegVocabulary.from_phrases(" floor, wall ,,door").phrases == ("floor", "wall",
                                                                               "door")
     with pytest.raises(ValueError):
-        L.LSegVocabulary.from_phrases("a,a")
+        VO.LSegVocabulary.from_phrases("a,a")
 
 
 def test_palette_colorize_and_legend():
-    pal = L.phrase_palette(["floor", "wall", "door"])
-    assert np.array_equal(L.phrase_palette(["door", "floor"]), pal[[2, 0]])   # stable per phrase
-    assert len({tuple(c) for c in L.make_palette(40)}) == 40
+    pal = PAL.phrase_palette(["floor", "wall", "door"])
+    assert np.array_equal(PAL.phrase_palette(["door", "floor"]), pal[[2, 0]])   # stable per phrase
+    assert len({tuple(c) for c in PAL.make_palette(40)}) == 40
     lm = np.array([[0, 1], [2, 255]], np.uint16)
-    col = L.colorize(lm, pal)
+    col = PAL.colorize(lm, pal)
     assert np.array_equal(col[0, 0], pal[0]) and np.array_equal(col[1, 0], pal[2])
-    assert np.array_equal(col[1, 1], L.OTHER_COLOR)
+    assert np.array_equal(col[1, 1], PAL.OTHER_COLOR)
     img = np.full((200, 300, 3), 128, np.uint8)
-    res = L.LabelMapResult(np.zeros((200, 300), np.uint16), 255, ("floor", "wall", "door"),
+    res = LM.LabelMapResult(np.zeros((200, 300), np.uint16), 255, ("floor", "wall", "door"),
                            num_classes=3)
     res.label_map[:, 150:] = 1
-    out = L.overlay(img, res, pal)
+    out = PAL.overlay(img, res, pal)
     assert out.shape == img.shape and not np.array_equal(out, img)
-    legend = L.draw_legend(img, ["floor", "wall", "door"], pal, [0.5, 0.5, 0.0])
+    legend = PAL.draw_legend(img, ["floor", "wall", "door"], pal, [0.5, 0.5, 0.0])
     # swatches for the two present labels, none for the absent one
     assert np.any(np.all(legend == pal[0], axis=2)) and np.any(np.all(legend == pal[1], axis=2))
     assert not np.any(np.all(legend == pal[2], axis=2))
@@ -578,14 +586,14 @@ def test_palette_colorize_and_legend():
 
 # =========================================================================== ground truth + metrics
 def test_read_voc_and_ade_ground_truth():
-    gt = L.read_voc_label(SEG / "1_target.png")
+    gt = SE.read_voc_label(SEG / "1_target.png")
     assert gt.shape == (513, 513)
     assert set(np.unique(gt)) == {0, 1, 255}                  # background, aeroplane, border
-    assert set(np.unique(L.read_voc_label(SEG / "23_target.png"))) == {0, 17, 255}  # sheep
-    assert set(np.unique(L.read_voc_label(SEG / "114_target.png"))) == {0, 3, 255}  # bird
-    idx, names = L.read_ade20k_label(SEG / "ADE_train_00016869_seg.png")
+    assert set(np.unique(SE.read_voc_label(SEG / "23_target.png"))) == {0, 17, 255}  # sheep
+    assert set(np.unique(SE.read_voc_label(SEG / "114_target.png"))) == {0, 3, 255}  # bird
+    idx, names = SE.read_ade20k_label(SEG / "ADE_train_00016869_seg.png")
     assert names[2420] == "sky" and names[2131].startswith("road")
-    mapped = L.map_names_to_classes(idx, names, ["sky", "road", "car", "person"])
+    mapped = SE.map_names_to_classes(idx, names, ["sky", "road", "car", "person"])
     assert np.sum(mapped == 0) == np.sum(idx == 2420) == 437203
     assert np.sum(mapped == 2) == np.sum(idx == 401)          # "car, auto, ..." synonym match
     assert np.sum(mapped == 255) == np.sum(~np.isin(idx, [2420, 2131, 401, 1831]))
@@ -594,9 +602,9 @@ def test_read_voc_and_ade_ground_truth():
 def test_confusion_and_metrics():
     gt = np.array([[0, 0, 1, 1], [2, 2, 255, 1]], np.uint8)
     pred = np.array([[0, 1, 1, 1], [2, 255, 0, 1]], np.uint8)
-    conf = L.confusion_matrix(pred, gt, 3)
+    conf = SE.confusion_matrix(pred, gt, 3)
     assert conf.sum() == 7 and conf[2, 3] == 1                # "other" column
-    m = L.segmentation_metrics(conf, ["a", "b", "c"])
+    m = SE.segmentation_metrics(conf, ["a", "b", "c"])
     # IoU a = 1/2, b = 3/4, c = 1/2 ; accuracy 5/7
     assert m["per_class_iou"] == pytest.approx({"a": 0.5, "b": 0.75, "c": 0.5})
     assert m["miou"] == pytest.approx((0.5 + 0.75 + 0.5) / 3)
@@ -663,7 +671,7 @@ def test_cli_eval_seg_on_voc_and_ade(tmp_path, capsys):
     for base in ("1", "23"):
         (imgs / f"{base}_image.png").write_bytes((SEG / f"{base}_image.png").read_bytes())
         (labs / f"{base}_target.png").write_bytes((SEG / f"{base}_target.png").read_bytes())
-        gt = L.read_voc_label(SEG / f"{base}_target.png")
+        gt = SE.read_voc_label(SEG / f"{base}_target.png")
         p = np.where(gt == 255, 0, gt).astype(np.uint8)
         if base == "23":
             p[:, :100] = 0                                     # lose some sheep pixels
@@ -672,7 +680,7 @@ def test_cli_eval_seg_on_voc_and_ade(tmp_path, capsys):
                 "voc", "--pred", str(pred), "--json"])
     assert rc == 0
     m = json.loads(capsys.readouterr().out)
-    gt1, gt23 = (L.read_voc_label(SEG / f"{b}_target.png") for b in ("1", "23"))
+    gt1, gt23 = (SE.read_voc_label(SEG / f"{b}_target.png") for b in ("1", "23"))
     lost = int(np.sum(gt23[:, :100] == 17))
     sheep = int(np.sum(gt23 == 17))
     assert lost > 0
@@ -689,9 +697,9 @@ def test_cli_eval_seg_on_voc_and_ade(tmp_path, capsys):
     pred2.mkdir()
     name = "ADE_train_00016869"
     (imgs2 / f"{name}.jpg").write_bytes((SEG / f"{name}.jpg").read_bytes())
-    idx, names = L.read_ade20k_label(SEG / f"{name}_seg.png")
+    idx, names = SE.read_ade20k_label(SEG / f"{name}_seg.png")
     classes = ["sky", "road", "tree", "building"]
-    gt = L.map_names_to_classes(idx, names, classes)
+    gt = SE.map_names_to_classes(idx, names, classes)
     p = np.where(gt == 255, 3, gt).astype(np.uint8)
     p[gt == 2] = 3                                              # trees predicted as building
     cv2.imwrite(str(pred2 / f"{name}_labels.png"), p)
@@ -715,7 +723,7 @@ def test_cli_eval_seg_with_model(small_export, tmp_path, capsys):
                 "--backend", "onnxruntime", "--device", "cpu", "--json"])
     assert rc == 0
     m = json.loads(capsys.readouterr().out)
-    gt = L.read_voc_label(SEG / "114_target.png")
+    gt = SE.read_voc_label(SEG / "114_target.png")
     assert m["pixels"] == int(np.sum(gt != 255)) and 0.0 <= m["miou"] <= 1.0
 
 
@@ -725,7 +733,7 @@ def test_clip_in_lseg_checkpoint_loads_in_clip_module(tmp_path):
     net.clip_pretrained.*: extracted, it loads strictly into our CLIP module as
     ViT-B-32-quickgelu (OpenAI weights use QuickGELU) with identical weights."""
     open_clip = pytest.importorskip("open_clip")
-    from perception2d_ros.models.clip import model as clip_model
+    from perception2d_ros.models.clip.checkpoint import load_clip
 
     with torch.device("meta"):                               # names and shapes only
         layout = open_clip.create_model("ViT-B-32-quickgelu", pretrained=None,
@@ -733,20 +741,20 @@ def test_clip_in_lseg_checkpoint_loads_in_clip_module(tmp_path):
     gen = torch.Generator().manual_seed(0)
     ref_sd = {k: torch.randn(v.shape, generator=gen).half() for k, v in layout.items()}
     net = M.build_model(SMALL, seed=2)
-    sd = M.to_official_state_dict(net)
+    sd = CK.to_official_state_dict(net)
     sd.update({"net.clip_pretrained." + k: v for k, v in ref_sd.items()})
     ckpt = tmp_path / "lseg.ckpt"
     torch.save({"state_dict": sd, "epoch": 1}, ckpt)
-    out = M.extract_clip_checkpoint(ckpt, tmp_path / "clip.pt")
-    clip = clip_model.load_clip(M.CLIP_ARCH_OF_CHECKPOINT, out)
+    out = CK.extract_clip_checkpoint(ckpt, tmp_path / "clip.pt")
+    clip = load_clip(CK.CLIP_ARCH_OF_CHECKPOINT, out)
     got = clip.state_dict()
     assert set(got) == set(ref_sd)
     assert all(torch.equal(ref_sd[k].float(), got[k]) for k in ref_sd)
     assert clip.text_projection.shape == (512, 512)       # LSeg's 512-d text space
     # a checkpoint without CLIP: nothing to extract
     bare = tmp_path / "bare.ckpt"
-    torch.save({"state_dict": M.to_official_state_dict(net)}, bare)
-    assert M.extract_clip_checkpoint(bare, tmp_path / "none.pt") is None
+    torch.save({"state_dict": CK.to_official_state_dict(net)}, bare)
+    assert CK.extract_clip_checkpoint(bare, tmp_path / "none.pt") is None
 
 
 class _FakeTextCache:
@@ -779,7 +787,7 @@ def test_cli_checkpoint_uses_its_own_clip(small_export, tmp_path, monkeypatch, c
     target.mkdir(parents=True)
     for key in ("image", "sidecar"):
         (target / small_export[key].name).write_bytes(small_export[key].read_bytes())
-    monkeypatch.setattr(M, "export_onnx", lambda *a, **k: pytest.fail("re-exported"))
+    monkeypatch.setattr(EX, "export_onnx", lambda *a, **k: pytest.fail("re-exported"))
     _FakeTextCache.calls.clear()
     monkeypatch.setattr(vocabulary, "TextEmbeddingCache", _FakeTextCache)
     img = tmp_path / "a.png"
@@ -800,12 +808,12 @@ def test_cli_checkpoint_uses_its_own_clip(small_export, tmp_path, monkeypatch, c
 
 def test_cli_refuses_a_clip_of_the_wrong_architecture(small_export, tmp_path, monkeypatch,
                                                       capsys):
-    from perception2d_ros.models.clip import model as clip_model
+    from perception2d_ros.models.clip import resolve as clip_resolve
 
     sidecar = tmp_path / "clip_ViT-B-16.json"
     sidecar.write_text(json.dumps({"arch": "ViT-B-16", "image_onnx": {}, "text_onnx": {},
                                    "logit_scale": 100.0, "image_size": 224}))
-    monkeypatch.setattr(clip_model, "resolve_export", lambda *a, **k: sidecar)
+    monkeypatch.setattr(clip_resolve, "resolve_export", lambda *a, **k: sidecar)
     img = tmp_path / "a.png"
     cv2.imwrite(str(img), np.zeros((16, 16, 3), np.uint8))
     rc = _main(["seglabels", "--model", str(small_export["image"]), "--text-model",
@@ -817,7 +825,8 @@ def test_cli_refuses_a_clip_of_the_wrong_architecture(small_export, tmp_path, mo
 def test_torch_backend_matches_onnxruntime_on_real_images(small_export, small_segmenter):
     """The LSeg image graph run by torch (``backend: torch``, the GPU backend where only
     torch + CUDA exist; here on the CPU) gives ORT's pixel embeddings on real images."""
-    from perception2d_ros.engines.engines import EngineConfig, TorchEngine
+    from perception2d_ros.engines.factory import EngineConfig
+    from perception2d_ros.engines.torch_backend import TorchEngine
 
     seg = L.LSegSegmenter.from_onnx(small_export["image"],
                                     EngineConfig(backend="torch", device="cpu", fallback=False))

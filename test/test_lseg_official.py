@@ -28,9 +28,12 @@ pytest.importorskip("timm")
 pytest.importorskip("onnxruntime")
 import torch.nn.functional as F  # noqa: E402
 
+from perception2d_ros.models.lseg import export as EX  # noqa: E402
 from perception2d_ros.models.lseg import labeler as L  # noqa: E402
-from perception2d_ros.models.lseg import model as M  # noqa: E402
-from perception2d_ros.engines.engines import EngineConfig  # noqa: E402
+from perception2d_ros.models.lseg import meta as MT  # noqa: E402
+from perception2d_ros.models.lseg import net as M  # noqa: E402
+from perception2d_ros.models.lseg import resample as RS  # noqa: E402
+from perception2d_ros.engines.factory import EngineConfig  # noqa: E402
 
 DATA = Path(__file__).resolve().parent / "data"
 SMALL, SIZE, SEED = "lseg_test_small", 256, 3
@@ -95,7 +98,7 @@ def official_evaluator(net, image_bgr, text, crop, scales=(1.0,), flip=False):
 # =========================================================================== fixtures
 @pytest.fixture(scope="module")
 def export(tmp_path_factory):
-    return M.export_onnx(SMALL, None, tmp_path_factory.mktemp("lseg_official"), seed=SEED,
+    return EX.export_onnx(SMALL, None, tmp_path_factory.mktemp("lseg_official"), seed=SEED,
                          input_size=SIZE)
 
 
@@ -123,7 +126,7 @@ def torch_seg(export):
 
 def _phrases(seg, img, n=8):
     emb, _ = seg.embed(img)
-    return M.prototype_embeddings(emb, n)
+    return EX.prototype_embeddings(emb, n)
 
 
 # =========================================================================== primitives
@@ -135,7 +138,7 @@ def test_resize_matches_torch_align_corners(src, dst):
     x = np.random.default_rng(1).normal(size=(3,) + src).astype(np.float32)
     ref = F.interpolate(torch.from_numpy(x)[None], size=dst, mode="bilinear",
                         align_corners=True)[0].numpy()
-    np.testing.assert_allclose(L.resize_align_corners(x, dst), ref, atol=2e-6)
+    np.testing.assert_allclose(RS.resize_align_corners(x, dst), ref, atol=2e-6)
 
 
 def _official_long_side(h, w, long):
@@ -146,12 +149,12 @@ def _official_long_side(h, w, long):
 
 
 def test_letterbox_rounds_half_up_like_lang_seg():
-    assert L.letterbox_size((541, 960), (480, 480)) == (271, 480)   # round() gives 270
-    assert L.letterbox_size((960, 541), (480, 480)) == (480, 271)
+    assert RS.letterbox_size((541, 960), (480, 480)) == (271, 480)   # round() gives 270
+    assert RS.letterbox_size((960, 541), (480, 480)) == (480, 271)
     differ = 0
     for h in range(1, 1300, 7):
         for w in (541, 640, 960, 1280, 1920, h):
-            got = L.letterbox_size((h, w), (480, 480))
+            got = RS.letterbox_size((h, w), (480, 480))
             # (official 0 for a 1-pixel-high panorama; we keep one row)
             assert got == tuple(max(1, v) for v in _official_long_side(h, w, 480)), (h, w)
             long_h = h > w
@@ -164,8 +167,8 @@ def test_letterbox_rounds_half_up_like_lang_seg():
 def test_preprocess_is_the_official_input(rel):
     """Normalise the float image, resize align_corners=True, pad with -mean/std."""
     img = _photo(rel)
-    meta = L.LSegMeta(input_size=(480, 480))
-    tensor, box = L.preprocess(img, meta)
+    meta = MT.LSegMeta(input_size=(480, 480))
+    tensor, box = RS.preprocess(img, meta)
     x = torch.from_numpy(np.ascontiguousarray(img[:, :, ::-1])).permute(2, 0, 1)
     x = ((x.float() / 255.0 - 0.5) / 0.5)[None]
     h, w = box.resized
@@ -176,9 +179,9 @@ def test_preprocess_is_the_official_input(rel):
 
 
 def test_scale_plans_follow_the_official_grid():
-    plans = L.scale_plans((541, 960), (480, 480), L.OFFICIAL_SCALES)
+    plans = RS.scale_plans((541, 960), (480, 480), RS.OFFICIAL_SCALES)
     assert [p.resized for p in plans] == [_official_long_side(541, 960, math.ceil(480 * s))
-                                          for s in L.OFFICIAL_SCALES]
+                                          for s in RS.OFFICIAL_SCALES]
     first, one = plans[0], plans[1]
     assert first.resized == (203, 360) and first.windows == ((0, 480, 0, 480),)
     assert one.resized == (271, 480) and one.windows == ((0, 480, 0, 480),)
@@ -189,13 +192,13 @@ def test_scale_plans_follow_the_official_grid():
                                  min(j * stride + 480, 1080))
                                 for i in range(2) for j in range(3))
     with pytest.raises(ValueError, match="scales"):
-        L.parse_scales("1.0,abc")
+        RS.parse_scales("1.0,abc")
     with pytest.raises(ValueError, match="scales"):
-        L.parse_scales([])
+        RS.parse_scales([])
     with pytest.raises(ValueError, match="scales"):
-        L.parse_scales([0.0])
-    assert L.parse_scales("official") == L.OFFICIAL_SCALES
-    assert L.parse_scales("0.75, 1") == (0.75, 1.0)
+        RS.parse_scales([0.0])
+    assert RS.parse_scales("official") == RS.OFFICIAL_SCALES
+    assert RS.parse_scales("0.75, 1") == (0.75, 1.0)
 
 
 # =========================================================================== parity
@@ -269,7 +272,7 @@ def test_flip_single_scale_fast_path_equals_dense_evaluator(ort_seg):
 def test_head_block_on_the_device_path(tmp_path):
     """A head block (arch_option 1) runs in the device head as in the numpy head."""
     arch = M.get_arch(SMALL, arch_option=1, block_depth=2, activation="lrelu")
-    files = M.export_onnx(arch, None, tmp_path, seed=7, input_size=128)
+    files = EX.export_onnx(arch, None, tmp_path, seed=7, input_size=128)
     img = _photo("segmentation/23_image.png")
     host = L.LSegSegmenter.from_onnx(files["image"], EngineConfig(backend="onnxruntime",
                                                                   device="cpu"))
@@ -316,7 +319,7 @@ def test_cli_seglabels_scales_and_flip(export, ort_seg, tmp_path, capsys):
 def test_stage_config_scales_and_flip(export, monkeypatch):
     """``lseg.scales`` / ``lseg.flip`` (as `process` and the nodes read them from the params
     file) reach the segmenter; a bad value names the parameter."""
-    from perception2d_ros.cli import seglabels as sl
+    from perception2d_ros.models.lseg import resolve as rs
     from perception2d_ros.models.lseg import stage as lseg_stage
     from perception2d_ros.pipeline.config import merge_config, validate_config
 
@@ -324,7 +327,7 @@ def test_stage_config_scales_and_flip(export, monkeypatch):
         def encode(self, phrases, templates):
             return np.eye(len(phrases), 512, dtype=np.float32)
 
-    monkeypatch.setattr(sl, "text_cache", lambda meta, args: _Text())
+    monkeypatch.setattr(rs, "text_cache", lambda meta, args: _Text())
     cfg = merge_config({"stages": ["lseg"], "lseg": {"model": str(export["image"]),
                                                      "backend": "onnxruntime",
                                                      "device": "cpu",

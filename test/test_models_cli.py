@@ -399,15 +399,15 @@ def test_export_without_checkpoint_says_how_to_get_it(tmp_path, capsys):
     d = tmp_path / "m"
     d.mkdir()
     rc, _, err = run_cli(capsys, "export", "clip_vit_b32", "--models-dir", str(d))
-    if not _has("perception2d_ros.models.clip.model"):
+    if not _has("perception2d_ros.models.clip.parity"):
         assert rc == 3 and "not available" in err
         return
     assert rc == 1 and "models fetch clip_vit_b32" in err
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not _has("perception2d_ros.models.clip.model"),
-                    reason="perception2d_ros.models.clip.model (CLIP export) not in this build")
+@pytest.mark.skipif(not _has("perception2d_ros.models.clip.parity"),
+                    reason="perception2d_ros.models.clip.parity (CLIP export) not in this build")
 def test_export_clip_random_weights_records_sha256(tmp_path, capsys):
     d = tmp_path / "m"
     d.mkdir()
@@ -471,10 +471,10 @@ def parity_check(arch, checkpoint, exported, image_bgr, boxes):
 def fake_export(tmp_path, monkeypatch):
     """A models dir whose manifest has one entry exported by a tiny stand-in module that
     follows the stage modules' export_onnx/parity_check contract."""
-    from perception2d_ros.cli import models as cli
+    from perception2d_ros.cli import models_export
 
-    monkeypatch.setattr(cli, "EXPORT_MODULE_PREFIXES", cli.EXPORT_MODULE_PREFIXES
-                        + ("p2d_fake_export",))
+    monkeypatch.setattr(models_export, "EXPORT_MODULE_PREFIXES",
+                        models_export.EXPORT_MODULE_PREFIXES + ("p2d_fake_export",))
     mod_dir = tmp_path / "mods"
     mod_dir.mkdir()
     (mod_dir / "p2d_fake_export.py").write_text(FAKE_EXPORT)
@@ -571,7 +571,7 @@ def test_export_parity_failure_fails_the_command(fake_export, capsys):
 
 
 def test_build_profile_parsing():
-    from perception2d_ros.cli.models import _parse_profiles
+    from perception2d_ros.cli.models_build import _parse_profiles
 
     assert _parse_profiles(["x=1x3/4x3/8x3", "y=1/2/3"]) == {
         "x": [[1, 3], [4, 3], [8, 3]], "y": [[1], [2], [3]]}
@@ -582,20 +582,20 @@ def test_build_profile_parsing():
 
 @pytest.mark.slow
 def test_export_lseg_small_random_weights_with_the_real_module(tmp_path, capsys):
-    """The CLI path end to end with a real stage module: lseg_model's reduced test
+    """The CLI path end to end with a real stage module: lseg_net's reduced test
     architecture (random weights), ONNX Runtime smoke run, parity on the shipped image."""
     pytest.importorskip("torch")
-    if not _has("perception2d_ros.models.lseg.model"):
-        pytest.skip("perception2d_ros.models.lseg.model not in this build")
-    from perception2d_ros.models.lseg import model as lseg_model
+    if not _has("perception2d_ros.models.lseg.export"):
+        pytest.skip("perception2d_ros.models.lseg.export not in this build")
+    from perception2d_ros.models.lseg import net as lseg_net
 
-    if "lseg_test_small" not in getattr(lseg_model, "ARCHS", {}):
-        pytest.skip("lseg_model has no reduced test architecture")
+    if "lseg_test_small" not in getattr(lseg_net, "ARCHS", {}):
+        pytest.skip("lseg_net has no reduced test architecture")
     d = tmp_path / "models"
     d.mkdir()
     raw = yaml.safe_load((MODELS / ms.MANIFEST).read_text())
     spec = dict(raw["models"]["lseg_demo_e200"])
-    spec["export"] = {"module": "perception2d_ros.models.lseg.model", "arch": "lseg_test_small"}
+    spec["export"] = {"module": "perception2d_ros.models.lseg.export", "arch": "lseg_test_small"}
     raw["models"]["lseg_small"] = spec
     (d / ms.MANIFEST).write_text(yaml.safe_dump(raw))
     rc, out, err = run_cli(capsys, "export", "lseg_small", "--random-weights", "--seed", "0",

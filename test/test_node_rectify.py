@@ -14,7 +14,9 @@ from rclpy.parameter import Parameter  # noqa: E402
 from rclpy.serialization import deserialize_message  # noqa: E402
 from sensor_msgs.msg import CameraInfo, Image  # noqa: E402
 
-from perception2d_ros.io.bagio import BagReader, BagWriter, camera_info_msg, image_msg  # noqa: E402
+from perception2d_ros.io.bag_messages import camera_info_msg, image_msg  # noqa: E402
+from perception2d_ros.io.bag_reader import BagReader  # noqa: E402
+from perception2d_ros.io.bag_writer import BagWriter  # noqa: E402
 from perception2d_ros.geometry.camera import CameraModel  # noqa: E402
 from perception2d_ros.ros.perception_node import PerceptionNode  # noqa: E402
 from ros_harness import BEST_EFFORT, RELIABLE, RosHarness, wait_for  # noqa: E402

@@ -127,7 +127,9 @@ def test_process_cli_tracks_the_clip(tmp_path):
     """`perception2d process` with stages [detect, track]: `detections` carry the track ids,
     each car one id over the bag; the command prints its summary and exits 0."""
     pytest.importorskip("rclpy")
-    from perception2d_ros.io.bagio import BagReader, BagWriter, image_msg
+    from perception2d_ros.io.bag_messages import image_msg
+    from perception2d_ros.io.bag_reader import BagReader
+    from perception2d_ros.io.bag_writer import BagWriter
 
     bag = tmp_path / "in.mcap"
     with BagWriter(bag) as w:
@@ -161,7 +163,8 @@ def test_process_cli_rejects_bad_track_parameter(tmp_path):
     """A bad track.* value is one clear line naming the parameter, no traceback (on a real
     bag: `process` checks the bag first)."""
     pytest.importorskip("rclpy")
-    from perception2d_ros.io.bagio import BagWriter, image_msg
+    from perception2d_ros.io.bag_messages import image_msg
+    from perception2d_ros.io.bag_writer import BagWriter
 
     bag = tmp_path / "in.mcap"
     with BagWriter(bag) as w:

@@ -12,7 +12,8 @@ import math
 import numpy as np
 import pytest
 
-from perception2d_ros.geometry.camera import CameraModel, Extrinsics
+from perception2d_ros.geometry.camera import CameraModel
+from perception2d_ros.geometry.extrinsics import Extrinsics
 from perception2d_ros.geometry.objects3d import depth_to_metres, lift_objects
 
 PINHOLE = CameraModel(640, 480, [500, 0, 320, 0, 500, 240, 0, 0, 1])

@@ -1,4 +1,4 @@
-"""The ONNX graph run by torch (``core/onnx_torch.py``, ``backend: torch``): the GPU backend
+"""The ONNX graph run by torch (``engines/onnx_torch.py``, ``backend: torch``): the GPU backend
 where only torch + CUDA exist. Checked against ONNX Runtime on the project's real models and
 real images; the CUDA tests run where torch sees a GPU.
 
@@ -12,12 +12,13 @@ import cv2
 import numpy as np
 import pytest
 
-from perception2d_ros.engines.engines import (EngineConfig, EngineError, TorchEngine,
-                                           create_engine, cuda_available)
+from perception2d_ros.engines.base import EngineError, cuda_available
+from perception2d_ros.engines.factory import EngineConfig, create_engine
+from perception2d_ros.engines.torch_backend import TorchEngine
 from perception2d_ros.models.yolo.detector import YoloDetector
 
 torch = pytest.importorskip("torch", reason="torch is an export/test extra (requirements/test.txt)")
-from perception2d_ros.engines import onnx_torch  # noqa: E402  (imports torch)
+from perception2d_ros.engines import onnx_kernels  # noqa: E402  (imports torch)
 CUDA_OK, CUDA_WHY = cuda_available()
 ORT = EngineConfig(backend="onnxruntime", device="cpu")
 TORCH_CPU = EngineConfig(backend="torch", device="cpu", fallback=False)
@@ -107,7 +108,7 @@ def test_supported_ops_cover_every_shipped_graph(models_dir: Path) -> None:
     import onnx
 
     ops = {n.op_type for n in onnx.load(str(models_dir / "yolox_nano.onnx")).graph.node}
-    assert ops <= set(onnx_torch.supported_ops())
+    assert ops <= set(onnx_kernels.supported_ops())
 
 
 @pytest.mark.skipif(not CUDA_OK, reason=f"no CUDA for torch here: {CUDA_WHY}")

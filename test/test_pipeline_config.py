@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from perception2d_ros.geometry.camera import Extrinsics
+from perception2d_ros.geometry.extrinsics import Extrinsics
 from perception2d_ros.pipeline.build import build_pipeline
 from perception2d_ros.pipeline.config import merge_config, validate_config
 

@@ -15,7 +15,7 @@ from rclpy.parameter import Parameter  # noqa: E402
 from sensor_msgs.msg import Image  # noqa: E402
 from vision_msgs.msg import Classification, Detection2DArray, LabelInfo  # noqa: E402
 
-from perception2d_ros.engines.engines import EngineConfig  # noqa: E402
+from perception2d_ros.engines.factory import EngineConfig  # noqa: E402
 from perception2d_ros.ros import conversions as conv  # noqa: E402
 from perception2d_ros.ros.perception_node import PerceptionNode  # noqa: E402
 from ros_harness import BEST_EFFORT, LATCHED, RELIABLE, RosHarness, wait_for  # noqa: E402
@@ -34,10 +34,10 @@ def b32(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def lseg_small(tmp_path_factory):
-    from perception2d_ros.models.lseg import model as M
+    from perception2d_ros.models.lseg.export import export_onnx
 
-    return M.export_onnx("lseg_test_small", None, tmp_path_factory.mktemp("lseg"), seed=0,
-                         input_size=256)
+    return export_onnx("lseg_test_small", None, tmp_path_factory.mktemp("lseg"), seed=0,
+                       input_size=256)
 
 
 @pytest.fixture()

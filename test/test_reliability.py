@@ -793,8 +793,9 @@ def test_engine_build_failure_falls_back_to_the_next_backend(tmp_path, caplog):
     torch = pytest.importorskip("torch")
     import logging
 
-    from perception2d_ros.engines.engines import (EngineConfig, EngineError, TensorSpec,
-                                               TorchEngine, create_engine)
+    from perception2d_ros.engines.base import EngineError, TensorSpec
+    from perception2d_ros.engines.factory import EngineConfig, create_engine
+    from perception2d_ros.engines.torch_backend import TorchEngine
 
     path = _onnx(tmp_path / "too_new.onnx", [1, 3, 8, 8], ir_version=99)
 

@@ -21,9 +21,10 @@ import numpy as np
 import pytest
 import yaml
 
-from perception2d_ros.io.bagio import (BagReader, CameraTopics, bag_info, find_camera_topics,
-                                         image_streams, is_ros1_bag)
-from perception2d_ros.geometry.camera import CALIBRATION_LAYOUTS, CameraModel
+from perception2d_ros.io.bag_reader import BagReader, is_ros1_bag
+from perception2d_ros.io.bag_topics import CameraTopics, bag_info, find_camera_topics, image_streams
+from perception2d_ros.geometry.calibration import CALIBRATION_LAYOUTS
+from perception2d_ros.geometry.camera import CameraModel
 from perception2d_ros.io.image_codec import decode_compressed, encode_compressed
 
 REPO = Path(__file__).resolve().parents[1]

@@ -288,7 +288,7 @@ def test_large_model_export_uses_one_external_data_file(tmp_path: Path, monkeypa
     torch = pytest.importorskip("torch")
     pytest.importorskip("onnxruntime")
     from perception2d_ros.models.sam import export as sam_export
-    from perception2d_ros.engines.engines import OrtEngine
+    from perception2d_ros.engines.onnxruntime_backend import OrtEngine
     from perception2d_ros.engines.model_store import sha256_file
 
     monkeypatch.setattr(sam_export, "EXTERNAL_DATA_THRESHOLD", 0)

@@ -23,7 +23,7 @@ pytest.importorskip("mobile_sam", reason="MobileSAM needs mobilesam-mirror (test
 pytest.importorskip("onnxruntime")
 
 from perception2d_ros.models.sam import runtime as sam, export as sam_export  # noqa: E402
-from perception2d_ros.engines.engines import EngineConfig  # noqa: E402
+from perception2d_ros.engines.factory import EngineConfig  # noqa: E402
 from perception2d_ros.engines.model_store import sha256_file  # noqa: E402
 from test_sam_parity import (COCO_DIR, PARITY_IMAGES, _prompts,  # noqa: E402,F401
                              check_parity_report, coco)

@@ -25,7 +25,7 @@ from pycocotools import mask as mask_utils  # noqa: E402
 from pycocotools.coco import COCO  # noqa: E402
 
 from perception2d_ros.models.sam import runtime as sam, export as sam_export  # noqa: E402
-from perception2d_ros.engines.engines import EngineConfig  # noqa: E402
+from perception2d_ros.engines.factory import EngineConfig  # noqa: E402
 from perception2d_ros.engines.model_store import sha256_file  # noqa: E402
 
 pytestmark = pytest.mark.slow

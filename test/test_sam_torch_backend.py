@@ -11,7 +11,8 @@ import cv2
 import numpy as np
 import pytest
 
-from perception2d_ros.engines.engines import EngineConfig, TorchEngine, create_engine
+from perception2d_ros.engines.factory import EngineConfig, create_engine
+from perception2d_ros.engines.torch_backend import TorchEngine
 from perception2d_ros.models.sam.runtime import SamSegmenter
 
 pytestmark = pytest.mark.slow

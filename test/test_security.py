@@ -161,7 +161,7 @@ Safe(f).load()
 def test_package_sources_never_execute_untrusted_code():
     """Every torch.load is weights_only=True; no pickle/marshal/shelve/joblib loads, no
     unrestricted Unpickler, no eval/exec, no shell, no unsafe YAML, no torch.hub."""
-    assert len(SOURCES) > 30 and PACKAGE / "engines" / "engines.py" in SOURCES
+    assert len(SOURCES) > 30 and PACKAGE / "engines" / "factory.py" in SOURCES
     findings = [f for p in SOURCES for f in scan(p.read_text(encoding="utf-8"),
                                                   str(p.relative_to(REPO)))]
     assert findings == []
@@ -190,8 +190,8 @@ class _Payload:
 
 
 def _loaders():
-    from perception2d_ros.models.clip.model import read_state_dict
-    from perception2d_ros.models.lseg.model import read_checkpoint
+    from perception2d_ros.models.clip.checkpoint import read_state_dict
+    from perception2d_ros.models.lseg.checkpoint import read_checkpoint
     from perception2d_ros.models.sam.export import load_state_dict
 
     return {"clip.read_state_dict": read_state_dict, "lseg.read_checkpoint": read_checkpoint,

@@ -8,7 +8,7 @@ import time
 import numpy as np
 import pytest
 
-from perception2d_ros.geometry.camera import Extrinsics
+from perception2d_ros.geometry.extrinsics import Extrinsics
 from perception2d_ros.geometry.tf_buffer import TransformBuffer, TransformError, slerp
 
 S = 1_000_000_000

@@ -26,7 +26,8 @@ import numpy as np
 import pytest
 import yaml
 
-from perception2d_ros.geometry.camera import BODY_TO_OPTICAL, CameraModel, Extrinsics
+from perception2d_ros.geometry.camera import CameraModel
+from perception2d_ros.geometry.extrinsics import BODY_TO_OPTICAL, Extrinsics
 from perception2d_ros.geometry.objects3d import lift_objects
 
 REPO = Path(__file__).resolve().parents[1]
@@ -145,7 +146,8 @@ def _depth_image(stamp: int) -> np.ndarray:
 
 def _make_bag(path: Path, static: list, dynamic: list | None = None, n: int = 3,
               depth: bool = False) -> Path:
-    from perception2d_ros.io.bagio import BagWriter, camera_info_msg, image_msg
+    from perception2d_ros.io.bag_messages import camera_info_msg, image_msg
+    from perception2d_ros.io.bag_writer import BagWriter
 
     cam = _camera()
     stamps = _apollo_stamps()[:n]
@@ -192,7 +194,7 @@ def _read_outputs(path: Path) -> dict[str, list]:
     from perception2d_interfaces.msg import GroundPositionArray
     from vision_msgs.msg import Detection2DArray, Detection3DArray
 
-    from perception2d_ros.io.bagio import BagReader
+    from perception2d_ros.io.bag_reader import BagReader
 
     types = {"/camera/detections": Detection2DArray,
              "/camera/detections/ground": GroundPositionArray,
@@ -344,7 +346,7 @@ def test_process_depth_topic_gives_the_minivan_its_depth(bags, tmp_path):
                         debug_image=True)
     assert stats["frames_out"] == 3
     out = _read_outputs(tmp_path / "out.mcap")
-    from perception2d_ros.io.bagio import BagReader
+    from perception2d_ros.io.bag_reader import BagReader
 
     with BagReader(tmp_path / "out.mcap") as reader:   # the debug image shows distances
         assert reader.topics["/camera/debug_image"].count == 3
@@ -378,7 +380,8 @@ def test_live_node_extrinsics_from_tf_static_equal_parameters():
     from vision_msgs.msg import Detection2DArray, Detection3DArray
     from perception2d_interfaces.msg import GroundPositionArray
 
-    from perception2d_ros.io.bagio import camera_info_msg, image_msg, make_typestore
+    from perception2d_ros.io.bag_messages import camera_info_msg, image_msg
+    from perception2d_ros.io.bag_types import make_typestore
     from perception2d_ros.ros.perception_node import PerceptionNode
 
     sys.path.insert(0, str(Path(__file__).parent))
@@ -469,7 +472,8 @@ def test_live_node_depth_topic_32fc1():
     from sensor_msgs.msg import CameraInfo, Image
     from vision_msgs.msg import Detection2DArray, Detection3DArray
 
-    from perception2d_ros.io.bagio import camera_info_msg, image_msg, make_typestore
+    from perception2d_ros.io.bag_messages import camera_info_msg, image_msg
+    from perception2d_ros.io.bag_types import make_typestore
     from perception2d_ros.ros.perception_node import PerceptionNode
 
     sys.path.insert(0, str(Path(__file__).parent))

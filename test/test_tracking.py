@@ -174,7 +174,7 @@ def test_track_labels_running_mean_is_stable_where_frames_flicker():
 # ----------------------------------------------------------------------------- real clips
 @pytest.fixture(scope="module")
 def detector():
-    from perception2d_ros.engines.engines import EngineConfig
+    from perception2d_ros.engines.factory import EngineConfig
     from perception2d_ros.models.yolo.detector import YoloDetector
 
     return YoloDetector.from_model("yolox_nano", engine_config=EngineConfig(

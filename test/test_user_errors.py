@@ -90,7 +90,7 @@ def test_bag_info_json_into_a_closed_pipe_is_quiet(fixtures):
 # --------------------------------------------------------------------------- item 2
 def test_corrupt_model_file_stops_without_trying_other_backends(fixtures, caplog):
     from perception2d_ros.engines import model_store as ms
-    from perception2d_ros.engines.engines import EngineConfig, create_engine
+    from perception2d_ros.engines.factory import EngineConfig, create_engine
 
     calls = []
 
@@ -107,15 +107,15 @@ def test_corrupt_model_file_stops_without_trying_other_backends(fixtures, caplog
 
 
 def test_a_corrupt_manifest_model_names_its_expected_sha256(tmp_path, monkeypatch, models_dir):
-    from perception2d_ros.engines import engines, model_store as ms
+    from perception2d_ros.engines import factory, model_store as ms
 
     monkeypatch.setenv(ms.ENV_VAR, str(tmp_path))
     entry = ms.load_manifest()["yolox_nano"]
     bad = tmp_path / entry.file
     bad.write_bytes((models_dir / entry.file).read_bytes()[:50_000])
-    assert engines.model_file_problem(models_dir / entry.file) is None  # the real one parses
+    assert factory.model_file_problem(models_dir / entry.file) is None  # the real one parses
     with pytest.raises(ms.ModelFileError) as err:
-        engines._raise_if_unparsable(bad, RuntimeError("onnxruntime failed"))
+        factory._raise_if_unparsable(bad, RuntimeError("onnxruntime failed"))
     text = str(err.value)
     assert f"expected {entry.sha256}" in text
     assert "perception2d models verify yolox_nano" in text
@@ -125,7 +125,8 @@ def test_a_corrupt_manifest_model_names_its_expected_sha256(tmp_path, monkeypatc
 @pytest.mark.skipif(GPU, reason="a CUDA GPU is visible: cuda requests are honoured here")
 @pytest.mark.parametrize("backend", ["auto", "onnxruntime", "torch"])
 def test_explicit_cuda_is_refused_not_run_on_the_cpu(backend, models_dir):
-    from perception2d_ros.engines.engines import BackendUnavailable, EngineConfig, create_engine
+    from perception2d_ros.engines.base import BackendUnavailable
+    from perception2d_ros.engines.factory import EngineConfig, create_engine
 
     with pytest.raises(BackendUnavailable, match="cuda"):
         create_engine(models_dir / "yolox_nano.onnx", EngineConfig(backend=backend,
@@ -135,7 +136,8 @@ def test_explicit_cuda_is_refused_not_run_on_the_cpu(backend, models_dir):
 def test_an_explicit_backend_that_cannot_run_is_not_replaced(models_dir):
     """``backend: torch`` whose engine reports it cannot run here is refused, not swapped for
     ONNX Runtime with a warning (fallback is for build failures)."""
-    from perception2d_ros.engines.engines import BackendUnavailable, EngineConfig, create_engine
+    from perception2d_ros.engines.base import BackendUnavailable
+    from perception2d_ros.engines.factory import EngineConfig, create_engine
 
     def torch_factory():
         raise BackendUnavailable("torch backend on 'cuda' requested but no CUDA GPU visible")
@@ -148,7 +150,7 @@ def test_an_explicit_backend_that_cannot_run_is_not_replaced(models_dir):
 @pytest.mark.parametrize("command", ["detect", "label", "segment", "seglabels"])
 def test_every_command_accepts_the_same_backends(command):
     from perception2d_ros.cli.main import build_parser
-    from perception2d_ros.engines.engines import BACKEND_CHOICES
+    from perception2d_ros.engines.base import BACKEND_CHOICES
 
     parser = build_parser()
     sub = next(a for a in parser._actions if a.dest == "command").choices[command]
@@ -332,7 +334,7 @@ TRT11_REMOVED = {"FP16", "INT8", "platform_has_fast_fp16", "int8_calibrator"}
 
 
 def test_tensorrt_11_build_uses_no_removed_api(tmp_path, models_dir):
-    from perception2d_ros.engines.engines import build_serialized_engine
+    from perception2d_ros.engines.tensorrt_backend import build_serialized_engine
 
     trt = _Recorder("11.4.0", TRT11_REMOVED)
     cache = tmp_path / "timing.cache"
@@ -350,7 +352,8 @@ def test_tensorrt_11_build_uses_no_removed_api(tmp_path, models_dir):
 
 @pytest.mark.parametrize("precision", ["fp16", "int8"])
 def test_tensorrt_11_refuses_precisions_an_fp32_onnx_cannot_give(models_dir, precision):
-    from perception2d_ros.engines.engines import EngineError, build_serialized_engine
+    from perception2d_ros.engines.base import EngineError
+    from perception2d_ros.engines.tensorrt_backend import build_serialized_engine
 
     trt = _Recorder("11.0.1", TRT11_REMOVED)
     with pytest.raises(EngineError, match="ONNX"):
@@ -360,7 +363,7 @@ def test_tensorrt_11_refuses_precisions_an_fp32_onnx_cannot_give(models_dir, pre
 
 
 def test_tensorrt_10_fp16_uses_the_builder_flag(models_dir):
-    from perception2d_ros.engines.engines import build_serialized_engine
+    from perception2d_ros.engines.tensorrt_backend import build_serialized_engine
 
     trt = _Recorder("10.3.0", set())
     build_serialized_engine(trt, models_dir / "yolox_nano.onnx", precision="fp16",
@@ -369,7 +372,8 @@ def test_tensorrt_10_fp16_uses_the_builder_flag(models_dir):
 
 
 def test_any_exception_in_an_engine_build_is_an_engine_error(models_dir):
-    from perception2d_ros.engines.engines import EngineError, build_serialized_engine
+    from perception2d_ros.engines.base import EngineError
+    from perception2d_ros.engines.tensorrt_backend import build_serialized_engine
 
     trt = _Recorder("10.3.0", set(), fail_build=True)
     with pytest.raises(EngineError, match="MemoryError: out of GPU memory"):

@@ -25,7 +25,8 @@ from perception2d_ros.eval.coco import (
     evaluate_detector,
 )
 from perception2d_ros.models.detections import Detections
-from perception2d_ros.engines.engines import Engine, EngineConfig, TensorSpec
+from perception2d_ros.engines.base import Engine, TensorSpec
+from perception2d_ros.engines.factory import EngineConfig
 from perception2d_ros.models.yolo.nms import box_iou, nms
 from perception2d_ros.models.yolo.preprocess import Letterbox
 from perception2d_ros.models.yolo.detector import YoloDetector

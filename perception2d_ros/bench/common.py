@@ -1,5 +1,6 @@
 """Shared helpers of the benchmark harness: statistics, machine description, real frames,
-process CPU / RSS sampling, ROS environment defaults."""
+process CPU / RSS sampling, ROS environment defaults, and the node under test with its input
+messages (shared by the in-node stage benchmark and its ``--dds`` runs)."""
 from __future__ import annotations
 
 import os
@@ -300,3 +301,62 @@ def camera_model(size: tuple[int, int]) -> Any:
     f = camera_info_fields(size)
     return CameraModel(f["width"], f["height"], f["k"], f["d"],
                        distortion_model=f["distortion_model"], r=f["r"], p=f["p"])
+
+
+# --------------------------------------------------------------------------- node under test
+# which node runs a stage, and the topic it publishes last for a frame
+NODE_FOR = {"rectify": "rectify_node", "detect": "detector_node", "pipeline": "pipeline_node"}
+LAST_TOPIC = {"rectify": "camera_info_rect", "detect": "detections", "pipeline": "detections"}
+
+
+def make_node(stage: str, ctx: Any, threads: int | None, backend: str, model: str,
+              models_dir: str | None, extra: dict[str, Any] | None = None) -> Any:
+    """The configured ``PerceptionNode`` that runs ``stage`` (see ``NODE_FOR``) in ``ctx``."""
+    from rclpy.parameter import Parameter
+
+    from perception2d_ros.ros.perception_node import PerceptionNode
+
+    params: dict[str, Any] = {"detect.backend": backend, "detect.model": model,
+                              "diagnostics_period_s": 3600.0}
+    if threads:
+        params["detect.threads"] = int(threads)
+    if models_dir:
+        params["models_dir"] = models_dir
+    params.update(extra or {})
+    node = PerceptionNode(NODE_FOR[stage], node_name=f"bench_{stage}", context=ctx,
+                          namespace="/bench", parameter_overrides=[
+                              Parameter(k, value=v) for k, v in params.items()])
+    if node.pipeline is None:
+        node.destroy_node()
+        raise RuntimeError(f"{NODE_FOR[stage]} failed to configure (see the log above)")
+    return node
+
+
+def input_messages(stage: str, size: tuple[int, int], count: int) -> tuple[list[Any], Any,
+                                                                           list[np.ndarray]]:
+    """Image messages of real frames + the CameraInfo for the node's input.
+
+    Rectified-input stages (detect) get the frames rectified by the same calibration and the
+    rectified camera_info, as a rectify node upstream would publish them."""
+    from std_msgs.msg import Header
+
+    from perception2d_ros.geometry.camera import CameraModel
+    from perception2d_ros.ros import conversions as conv
+
+    imgs = real_frames(size, count)
+    fields = camera_info_fields(size)
+    cam = CameraModel.from_camera_info(fields)
+    if NODE_FOR[stage] == "detector_node":
+        imgs = [cam.rectify(i) for i in imgs]
+        fields = cam.rectified_camera_info_dict()
+    hdr = Header(frame_id="camera_optical")
+    msgs = [conv.array_to_image_msg(i, "bgr8", hdr) for i in imgs]
+    info = conv.camera_info_msg(fields, hdr)
+    return msgs, info, imgs
+
+
+def set_stamp(msg: Any, ns: int) -> None:
+    """Stamp ``msg.header`` with ``ns`` nanoseconds."""
+    msg.header.stamp.sec = ns // 1_000_000_000
+    msg.header.stamp.nanosec = ns % 1_000_000_000
+

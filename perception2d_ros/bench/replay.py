@@ -56,7 +56,7 @@ def load_frames(bag: str | None, size: tuple[int, int], limit: int = 30) -> tupl
         info = conv.camera_info_msg(camera_info_fields(size), hdr)
         return msgs, info, (f"{len(msgs)} real COCO test images resized to {size[0]}x{size[1]}, "
                             "calibration camerav1_1280x720.yaml")
-    from perception2d_ros.io.bagio import BagReader
+    from perception2d_ros.io.bag_reader import BagReader
 
     if not Path(bag).exists():
         raise FileNotFoundError(f"bag {bag} does not exist")

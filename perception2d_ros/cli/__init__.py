@@ -1,2 +1,2 @@
-"""The ``perception2d`` command line: one module per command. Top layer: may import anything
-below; nothing imports it except demo/."""
+"""The ``perception2d`` command line: one module per command (``cli.main`` dispatches).
+Top layer: may import anything below."""

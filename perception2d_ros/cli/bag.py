@@ -168,8 +168,8 @@ def make_bag(
     import cv2
     from tqdm import tqdm
 
-    from perception2d_ros.io.bagio import (BagWriter, camera_info_msg, compressed_image_msg,
-                                             image_msg)
+    from perception2d_ros.io.bag_messages import camera_info_msg, compressed_image_msg, image_msg
+    from perception2d_ros.io.bag_writer import BagWriter
     from perception2d_ros.io.image_codec import COMPRESSED_CODECS, encode_compressed
 
     if image_format not in ("raw", *COMPRESSED_CODECS):
@@ -286,7 +286,7 @@ def _fmt_time(ns: int | None) -> str:
 
 
 def format_info(info: dict[str, Any]) -> str:
-    """Human-readable form of :func:`perception2d_ros.io.bagio.bag_info`."""
+    """Human-readable form of :func:`perception2d_ros.io.bag_topics.bag_info`."""
     lines = [
         f"Path:      {info['path']}",
         f"Storage:   {info['storage']}",
@@ -340,7 +340,7 @@ def _cmd_make(args: argparse.Namespace) -> int:
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
-    from perception2d_ros.io.bagio import bag_info
+    from perception2d_ros.io.bag_topics import bag_info
 
     try:
         info = bag_info(args.bag)

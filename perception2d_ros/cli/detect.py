@@ -12,7 +12,7 @@ import json
 import sys
 from typing import Any
 
-from perception2d_ros.engines.engines import BACKEND_CHOICES
+from perception2d_ros.engines.base import BACKEND_CHOICES
 
 DEFAULT_MODEL = "yolox_nano"
 
@@ -64,7 +64,7 @@ def add_eval_parser(eval_subparsers: Any) -> None:
 
 
 def _load(args: argparse.Namespace, **kw: Any) -> Any:
-    from perception2d_ros.engines.engines import EngineConfig
+    from perception2d_ros.engines.factory import EngineConfig
     from perception2d_ros.models.yolo.detector import YoloDetector
 
     cfg = EngineConfig(backend=args.backend, device=args.device, precision=args.precision,

@@ -25,15 +25,15 @@ DEBUG_ENV = "PERCEPTION2D_DEBUG"
 # already imported (an exception cannot come from a module that was never loaded).
 _USER_ERROR_CLASSES = (
     ("perception2d_ros.engines.model_store", "ModelFileError", 1),
-    ("perception2d_ros.engines.engines", "EngineError", 1),   # incl. BackendUnavailable
+    ("perception2d_ros.engines.base", "EngineError", 1),   # incl. BackendUnavailable
     ("perception2d_ros.models.sam.runtime", "SamError", 1),          # incl. SamWeightsMissing
     ("perception2d_ros.pipeline.frame", "StageUnavailable", 1),
     ("perception2d_ros.engines.fetch", "FetchError", 1),
-    ("perception2d_ros.models.clip.model", "CheckpointError", 1),
-    ("perception2d_ros.models.clip.model", "ClipModelUnavailable", 1),
-    ("perception2d_ros.models.lseg.model", "CheckpointError", 1),
+    ("perception2d_ros.models.clip.checkpoint", "CheckpointError", 1),
+    ("perception2d_ros.models.clip.resolve", "ClipModelUnavailable", 1),
+    ("perception2d_ros.models.lseg.checkpoint", "CheckpointError", 1),
     ("perception2d_ros.cli.label", "LabelError", 1),
-    ("perception2d_ros.cli.seglabels", "SegLabelsError", 1),
+    ("perception2d_ros.models.lseg.resolve", "SegLabelsError", 1),
 )
 # file-system mistakes about paths the user gave (a wrong path, an existing output)
 _OS_USER_ERRORS = (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError,
@@ -181,7 +181,8 @@ def load_params(params_file: str | Path | None, node: str = "pipeline_node",
 
 def check_input_bag(path: str | Path) -> None:
     """Fail with one line unless ``path`` is a bag that opens (before any model is loaded)."""
-    from perception2d_ros.io.bagio import BagReader, find_interface_dirs
+    from perception2d_ros.io.bag_reader import BagReader
+    from perception2d_ros.io.bag_types import find_interface_dirs
 
     p = Path(path)
     if not p.exists():

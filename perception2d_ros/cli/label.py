@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from perception2d_ros.engines.engines import BACKEND_CHOICES
+from perception2d_ros.engines.base import BACKEND_CHOICES
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 EXIT_FAIL = 1
@@ -150,9 +150,10 @@ def _read(path: Path) -> Any:
 
 def build_labeler(args: argparse.Namespace, phrases: list[str]) -> Any:
     from perception2d_ros.models.clip.labeler import ClipLabeler
-    from perception2d_ros.models.clip.model import (
-        CheckpointError, ClipModelUnavailable, resolve_export)
-    from perception2d_ros.engines.engines import EngineConfig, EngineError
+    from perception2d_ros.models.clip.checkpoint import CheckpointError
+    from perception2d_ros.models.clip.resolve import ClipModelUnavailable, resolve_export
+    from perception2d_ros.engines.factory import EngineConfig
+    from perception2d_ros.engines.base import EngineError
     from perception2d_ros.engines.model_store import ModelFileError
 
     try:

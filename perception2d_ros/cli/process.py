@@ -54,8 +54,10 @@ def process_bag(in_path: str | Path, out_path: str | Path, cfg: dict, *,
                 image_topic: str | None = None) -> dict:
     """Check that the bag holds the camera the pipeline needs, then run it there
     (:func:`perception2d_ros.ros.offline.process_camera`); returns its counts."""
-    from perception2d_ros.io.bagio import BagReader, find_camera_topics, find_interface_dirs, \
-        storage_for_path
+    from perception2d_ros.io.bag_reader import BagReader
+    from perception2d_ros.io.bag_topics import find_camera_topics
+    from perception2d_ros.io.bag_types import find_interface_dirs
+    from perception2d_ros.io.bag_writer import storage_for_path
     from perception2d_ros.ros.offline import process_camera
 
     msg_dirs = find_interface_dirs()

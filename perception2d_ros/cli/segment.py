@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from perception2d_ros.engines.engines import BACKEND_CHOICES
+from perception2d_ros.engines.base import BACKEND_CHOICES
 
 
 def _floats(text: str, n: tuple[int, ...], what: str) -> list[float]:
@@ -105,7 +105,7 @@ def add_eval_parser(subparsers: Any) -> None:
 
 
 def _open_segmenter(args: argparse.Namespace) -> Any:
-    from perception2d_ros.engines.engines import EngineConfig
+    from perception2d_ros.engines.factory import EngineConfig
     from perception2d_ros.models.sam.runtime import SamSegmenter, resolve_model_files
 
     files = resolve_model_files(args.model, checkpoint=args.checkpoint, arch=args.arch,

@@ -1,8 +1,9 @@
 """The ``make demo`` sequence: a real camera's frames, calibration, TF chain and 2D ground
 truth, described by ``config/demo.yaml`` — and the ground-truth check of the demo's output.
 
-ROS-free: plain YAML/numpy. The demo (``perception2d_ros.demo.run``) turns a :class:`Sequence`
-into a robot-like bag and compares the recorded detections with :func:`gt_recall`.
+ROS-free: plain YAML/numpy. The demo turns a :class:`Sequence` into a robot-like bag
+(``perception2d_ros.demo.inputs``) and compares the recorded detections with :func:`gt_recall`
+(``perception2d_ros.demo.summary``).
 """
 from __future__ import annotations
 
@@ -47,7 +48,7 @@ class StaticTransform:
 
     def matrix(self) -> np.ndarray:
         """4x4 homogeneous transform child -> parent."""
-        from perception2d_ros.geometry.camera import _quaternion_to_matrix
+        from perception2d_ros.geometry.extrinsics import _quaternion_to_matrix
 
         m = np.eye(4)
         m[:3, :3] = _quaternion_to_matrix(self.rotation, f"{self.parent}->{self.child} rotation")
@@ -145,9 +146,9 @@ class Sequence:
         return (len(self.stamps) - 1) / ((self.stamps[-1] - self.stamps[0]) / 1e9)
 
     def extrinsics(self) -> Any:
-        """:class:`~perception2d_ros.geometry.camera.Extrinsics` of the camera optical frame in
+        """:class:`~perception2d_ros.geometry.extrinsics.Extrinsics` of the camera optical frame in
         ``base_frame``, composed from ``tf_static``."""
-        from perception2d_ros.geometry.camera import Extrinsics
+        from perception2d_ros.geometry.extrinsics import Extrinsics
 
         m = compose(self.tf_static, self.base_frame, self.camera_frame)
         return Extrinsics(self.base_frame, m[:3, 3], m[:3, :3], self.camera_frame)

@@ -23,7 +23,7 @@ import numpy as np
 def torch_device_of(engine: Any) -> str | None:
     """The torch device an engine runs on (``'cuda'``, ``'cuda:1'``, ``'cpu'``), or None when
     it is not a torch engine (ORT / TensorRT take host arrays)."""
-    from perception2d_ros.engines.engines import TorchEngine
+    from perception2d_ros.engines.torch_backend import TorchEngine
 
     return engine.device if isinstance(engine, TorchEngine) else None
 

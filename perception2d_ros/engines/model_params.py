@@ -102,7 +102,7 @@ def check_engine_params(cfg: dict[str, Any]) -> None:
     """Raise ValueError naming the parameter for a ``*.backend`` / ``*.device`` /
     ``*.precision`` of an enabled stage that no engine accepts (checked before any model
     loads, so the message names the parameter rather than the engine)."""
-    from perception2d_ros.engines.engines import BACKEND_CHOICES
+    from perception2d_ros.engines.base import BACKEND_CHOICES
 
     allowed = {"backend": BACKEND_CHOICES, "device": ("auto", "cpu", "cuda"),
                "precision": ("fp32", "fp16", "int8")}

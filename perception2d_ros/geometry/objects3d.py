@@ -111,7 +111,7 @@ def lift_objects(xyxy: np.ndarray, camera: Any, extrinsics: Any, *, plane_height
     Args:
         camera: the raw camera's CameraModel (``rectified`` says whether the boxes are in
             its rectified image).
-        extrinsics: :class:`~perception2d_ros.geometry.camera.Extrinsics` of the camera optical
+        extrinsics: :class:`~perception2d_ros.geometry.extrinsics.Extrinsics` of the camera optical
             frame in the frame the objects are reported in.
         instance_ids: SAM's HxW instance-id image (id i + 1 = detection i for i <
             ``n_mask_prompts``), in the working image's pixels, or None.

@@ -14,7 +14,7 @@ robot's base frame at an image stamp — without tf2_ros (not on PyPI):
   missing link (the frame whose parent is unknown, or the edge whose history misses the
   stamp).
 
-Results are :class:`~perception2d_ros.geometry.camera.Extrinsics` (rotation + translation of the
+Results are :class:`~perception2d_ros.geometry.extrinsics.Extrinsics` (rotation + translation of the
 source frame in the target frame), so ground positions and 3D objects use them directly.
 """
 from __future__ import annotations
@@ -27,7 +27,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from perception2d_ros.geometry.camera import Extrinsics, _matrix_to_quaternion, _quaternion_to_matrix
+from perception2d_ros.geometry.extrinsics import (Extrinsics, _matrix_to_quaternion,
+                                                  _quaternion_to_matrix)
 
 __all__ = ["TransformBuffer", "TransformError", "slerp"]
 

@@ -98,7 +98,7 @@ def validate_config(cfg: dict[str, Any]) -> None:
     if not isinstance(cfg.get("depth_topic", ""), str):
         raise ValueError(f"depth_topic: {cfg['depth_topic']!r} must be a topic name string")
     if "lseg" in cfg:
-        from perception2d_ros.models.lseg.labeler import parse_scales
+        from perception2d_ros.models.lseg.resample import parse_scales
 
         try:
             parse_scales(cfg["lseg"].get("scales", [1.0]))

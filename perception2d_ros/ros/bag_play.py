@@ -20,7 +20,8 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-from perception2d_ros.io.bagio import BagReader, default_qos_name
+from perception2d_ros.io.bag_reader import BagReader
+from perception2d_ros.io.bag_types import default_qos_name
 
 __all__ = ["play", "get_msg_class", "ros_node", "signals_set", "qos_for_topic"]
 

@@ -16,7 +16,8 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-from perception2d_ros.io.bagio import BagWriter, default_qos_name, qos_preset
+from perception2d_ros.io.bag_types import default_qos_name, qos_preset
+from perception2d_ros.io.bag_writer import BagWriter
 from perception2d_ros.ros.bag_play import get_msg_class, ros_node, signals_set
 
 __all__ = ["record"]

@@ -16,12 +16,12 @@ from sensor_msgs.msg import CameraInfo, CompressedImage, Image
 def process_camera(reader: Any, cam: Any, out_path: str | Path, cfg: dict, *,
                    msg_dirs: Any = None, debug_image: bool = False, overwrite: bool = False,
                    progress: bool = True) -> dict:
-    """Run the pipeline of ``cfg`` over camera ``cam`` (io.bagio.find_camera_topics) of the
+    """Run the pipeline of ``cfg`` over camera ``cam`` (io.bag_topics.find_camera_topics) of the
     open bag ``reader``; write its input topics and every output topic to ``out_path``.
     Returns the counts (frames_in, frames_out, errors, seconds, unmatched)."""
     from tqdm import tqdm
 
-    from perception2d_ros.io.bagio import BagWriter
+    from perception2d_ros.io.bag_writer import BagWriter
     from perception2d_ros.pipeline.build import build_pipeline
     from perception2d_ros.pipeline.flow import ApproximateSync, ErrorReporter, StampMatcher
     from perception2d_ros.ros.publishing import TOPIC_TYPES, FrameRunner

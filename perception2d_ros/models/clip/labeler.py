@@ -1,6 +1,6 @@
 """Zero-shot CLIP labels for whole images and detection boxes (ROS-free).
 
-Runs the exported ONNX pair (:func:`.model.export_onnx`) through
+Runs the exported ONNX pair (:func:`.export.export_onnx`) through
 :func:`perception2d_ros.engines.engines.create_engine` — ONNX Runtime / TensorRT; torch is not
 used. Scores are ``softmax(logit_scale · cos(image, text))`` over the current vocabulary, the
 zero-shot classifier of the CLIP paper; text embeddings are prompt-ensembled
@@ -74,7 +74,7 @@ def _sidecar_path(model: str | Path | Mapping[str, Any]) -> Path:
         return Path(model["meta"])
     p = Path(model)
     if p.is_dir():
-        from perception2d_ros.models.clip.model import find_exported
+        from perception2d_ros.models.clip.resolve import find_exported
 
         found = find_exported(p)
         if found is None:
@@ -86,7 +86,7 @@ def _sidecar_path(model: str | Path | Mapping[str, Any]) -> Path:
 class ClipLabeler:
     """CLIP zero-shot labeler over an exported ONNX pair.
 
-    ``model``: the sidecar JSON, its folder, or the dict :func:`.model.export_onnx` returns.
+    ``model``: the sidecar JSON, its folder, or the dict :func:`.export.export_onnx` returns.
     ``text_cache_dir``: ``True`` → ``$PERCEPTION2D_CACHE_DIR/clip_text``; a path; ``None`` →
     memory only. ``padding``: default box context padding (fraction of the box size per side).
     """
@@ -94,8 +94,9 @@ class ClipLabeler:
     def __init__(self, model: str | Path | Mapping[str, Any], engine_config: Any = None, *,
                  text_cache_dir: str | Path | bool | None = True, padding: float = 0.1,
                  max_batch: int = 32, text_engine_config: Any = None) -> None:
-        from perception2d_ros.models.clip.model import read_sidecar
-        from perception2d_ros.engines.engines import EngineConfig, create_engine, default_cache_dir
+        from perception2d_ros.models.clip.export import read_sidecar
+        from perception2d_ros.engines.factory import EngineConfig, create_engine
+        from perception2d_ros.engines.base import default_cache_dir
 
         self.meta_path = _sidecar_path(model)
         self.meta = read_sidecar(self.meta_path)

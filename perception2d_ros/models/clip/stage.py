@@ -171,8 +171,8 @@ class ClipStage:
 
 def build_stage(cfg: dict[str, Any]) -> ClipStage:
     from perception2d_ros.models.clip.labeler import ClipLabeler
-    from perception2d_ros.models.clip.model import resolve_export
-    from perception2d_ros.engines.engines import EngineConfig
+    from perception2d_ros.models.clip.resolve import resolve_export
+    from perception2d_ros.engines.factory import EngineConfig
 
     c = {**DEFAULTS, **(cfg.get("clip") or {})}
     sidecar = resolve_export(c["model"], checkpoint=c["checkpoint"] or None,

@@ -182,9 +182,10 @@ class TextEmbeddingCache:
                    **kwargs: Any) -> "TextEmbeddingCache":
         """Cache over the text tower of a CLIP model: a manifest name (``clip_vit_b32``), an
         export sidecar/folder, or ``checkpoint`` (see
-        :func:`perception2d_ros.models.clip.model.resolve_export`; raises
+        :func:`perception2d_ros.models.clip.resolve.resolve_export`; raises
         ``ClipModelUnavailable`` with how-to-get-it when there is none)."""
-        from perception2d_ros.models.clip.model import read_sidecar, resolve_export
+        from perception2d_ros.models.clip.export import read_sidecar
+        from perception2d_ros.models.clip.resolve import resolve_export
 
         meta_p = resolve_export(model, checkpoint=checkpoint, arch=arch, models_dir=models_dir)
         meta = read_sidecar(meta_p)
@@ -320,7 +321,8 @@ def text_cache_for(text_onnx: str | Path, engine_config: Any = None,
                    cache_dir: str | Path | None | bool = True, **kwargs: Any) -> TextEmbeddingCache:
     """A cache over an exported text tower (for LSeg and others). ``cache_dir=True`` uses
     ``$PERCEPTION2D_CACHE_DIR/clip_text``; ``None``/``False`` keeps it in memory only."""
-    from perception2d_ros.engines.engines import EngineConfig, create_engine, default_cache_dir
+    from perception2d_ros.engines.base import default_cache_dir
+    from perception2d_ros.engines.factory import EngineConfig, create_engine
     from perception2d_ros.engines.model_store import sha256_file
 
     import copy

@@ -65,30 +65,30 @@ class LSegStage:
 
 def build_stage(cfg: dict[str, Any]) -> LSegStage:
     # model resolution and the CLIP text side are shared with `perception2d seglabels`
-    from perception2d_ros.cli import seglabels as sl
-
-    from perception2d_ros.models.lseg.labeler import parse_scales
+    from perception2d_ros.models.lseg import resolve as rs
+    from perception2d_ros.models.lseg.resample import parse_scales
 
     lcfg = {**DEFAULTS, **(cfg.get("lseg") or {})}
     try:
         scales = parse_scales(lcfg["scales"])
     except ValueError as exc:
         raise ValueError(f"lseg.{exc}") from None
-    args = SimpleNamespace(scales=scales, flip=bool(lcfg["flip"]), model=lcfg["model"], checkpoint=lcfg["checkpoint"] or None,
+    args = SimpleNamespace(scales=scales, flip=bool(lcfg["flip"]), model=lcfg["model"],
+                           checkpoint=lcfg["checkpoint"] or None,
                            models_dir=cfg.get("models_dir") or None, cache_dir=None,
                            input_size=int(lcfg["input_size"]), backend=lcfg["backend"],
                            device=lcfg["device"], precision=lcfg["precision"], threads=None,
                            text_model=lcfg["text_model"], text_embeds=None)
     try:
-        onnx = sl.resolve_model(args)
-        segmenter = sl._segmenter(onnx, args)
-        cache = sl.text_cache(segmenter.meta, args)
-    except sl.SegLabelsError as exc:
+        onnx = rs.resolve_model(args)
+        segmenter = rs.open_segmenter(onnx, args)
+        cache = rs.text_cache(segmenter.meta, args)
+    except rs.SegLabelsError as exc:
         raise RuntimeError(f"lseg: {exc}") from exc
     phrases = [p for p in lcfg["vocabulary"] if p] or [p for p in cfg.get("vocabulary") or []
                                                         if p]
     if not phrases:
-        from perception2d_ros.models.lseg.labeler import LSegVocabulary
+        from perception2d_ros.models.lseg.vocabulary import LSegVocabulary
 
         phrases = list(LSegVocabulary.from_yaml().phrases)  # config/lseg_indoor_vocabulary.yaml
     return LSegStage(segmenter, lambda p, t: cache.encode(p, t), phrases, lcfg["templates"],

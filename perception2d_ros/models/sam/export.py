@@ -588,7 +588,7 @@ def parity_check(arch: str | None, checkpoint: str | Path | Any,
     """
     import torch
 
-    from perception2d_ros.engines.engines import EngineConfig
+    from perception2d_ros.engines.factory import EngineConfig
 
     if isinstance(checkpoint, torch.nn.Module):
         model = checkpoint

@@ -33,7 +33,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from perception2d_ros.engines.engines import Engine, EngineConfig, create_engine
+from perception2d_ros.engines.base import Engine
+from perception2d_ros.engines.factory import EngineConfig, create_engine
 
 LOG = logging.getLogger("perception2d.sam")
 
@@ -452,7 +453,7 @@ def weights_help(name: str = "sam_vit_b") -> str:
 
 def default_export_cache() -> Path:
     """Where checkpoints are exported on first use: ``$PERCEPTION2D_CACHE_DIR/sam``."""
-    from perception2d_ros.engines.engines import default_cache_dir
+    from perception2d_ros.engines.base import default_cache_dir
 
     return default_cache_dir() / "sam"
 

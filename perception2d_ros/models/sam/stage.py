@@ -106,7 +106,7 @@ def combine(results: list[Any], hw: tuple[int, int], n_det: int, min_score: floa
 
 
 def build_stage(cfg: dict[str, Any]) -> SamStage:
-    from perception2d_ros.engines.engines import EngineConfig
+    from perception2d_ros.engines.factory import EngineConfig
     from perception2d_ros.models.sam.runtime import SamSegmenter, resolve_model_files
 
     s = {**DEFAULTS, **(cfg.get("sam") or {})}

@@ -48,7 +48,7 @@ LOG = logging.getLogger("perception2d.yolo")
 
 
 class YoloDetector:
-    """A YOLO model on an :class:`~perception2d_ros.engines.engines.Engine`.
+    """A YOLO model on an :class:`~perception2d_ros.engines.base.Engine`.
 
     Args:
         engine: the engine running the ONNX/TensorRT/torch model (one image input NCHW).
@@ -145,7 +145,7 @@ class YoloDetector:
         Extra keyword arguments go to :class:`YoloDetector` (``multi_label``, ...).
         """
         from perception2d_ros.engines import model_store
-        from perception2d_ros.engines.engines import create_engine
+        from perception2d_ros.engines.factory import create_engine
 
         path, entry = model_store.resolve(name_or_path, models_dir, allow_outside=allow_outside)
         engine = create_engine(path, engine_config)

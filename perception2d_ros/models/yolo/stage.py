@@ -78,7 +78,7 @@ def load_detector(cfg: dict[str, Any], log: Callable[[str], None] = LOG.info) ->
     """The ``detect`` group's YoloDetector, loaded and warmed up (one inference: the first
     run of an engine allocates and tunes, hundreds of ms, which would otherwise stall the
     first live frames); logs what it runs on."""
-    from perception2d_ros.engines.engines import EngineConfig
+    from perception2d_ros.engines.factory import EngineConfig
     from perception2d_ros.models.yolo.detector import YoloDetector
 
     d = {**DEFAULTS, **(cfg.get("detect") or {})}
@@ -101,11 +101,11 @@ def configured_extrinsics(cfg: dict[str, Any]) -> Any:
     e = cfg["extrinsics"]
     if not (e["enabled"] and e.get("source", "params") == "params"):
         return None
-    from perception2d_ros.geometry.camera import Extrinsics
+    from perception2d_ros.geometry.extrinsics import Extrinsics
 
     q = [float(v) for v in e.get("rotation_quaternion") or []]
     if any(q):  # camera body orientation as a quaternion [x, y, z, w] (URDF style)
-        from perception2d_ros.geometry.camera import BODY_TO_OPTICAL
+        from perception2d_ros.geometry.extrinsics import BODY_TO_OPTICAL
 
         body = Extrinsics.from_quaternion(e["translation"], q, parent_frame=e["parent_frame"])
         return Extrinsics(e["parent_frame"], body.translation, body.rotation @ BODY_TO_OPTICAL)
