@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 
 def cost_50_boxes(frames: int = 300, n: int = 50, seed: int = 0) -> dict[str, Any]:
     from perception2d_ros.models.detections import Detections
-    from perception2d_ros.pipeline.build import Frame
+    from perception2d_ros.pipeline.frame import Frame
     from perception2d_ros.models.tracking.stage import TrackStage
     from perception2d_ros.models.tracking.bytetrack import ByteTracker
 
@@ -81,7 +81,7 @@ def run_clip(images: list[Path], detector: Any) -> tuple[list[dict[str, Any]], l
     """Detect + track every image; per frame the tracked boxes with ids."""
     import cv2
 
-    from perception2d_ros.pipeline.build import Frame
+    from perception2d_ros.pipeline.frame import Frame
     from perception2d_ros.models.tracking.stage import TrackStage
 
     stage = TrackStage()

@@ -164,7 +164,9 @@ class Run:
 
     def pipeline(self, chain: str, backend: str = "torch", device_frames: str = "auto",
                  frames: int | None = None) -> dict[str, Any]:
-        from perception2d_ros.pipeline.build import Frame, build_pipeline, merge_config
+        from perception2d_ros.pipeline.build import build_pipeline
+        from perception2d_ros.pipeline.config import merge_config
+        from perception2d_ros.pipeline.frame import Frame
 
         torch = self.torch
         imgs, cam = self.frames()

@@ -23,7 +23,7 @@ LAYERS = {
     "bench": 6, "cli": 6, "demo": 6,
 }
 # the bottom of pipeline/: what a model family's stage module may import from above
-PIPELINE_BOTTOM = ("pipeline.frame", "pipeline.results", "pipeline.registry")
+PIPELINE_BOTTOM = ("pipeline.frame", "pipeline.results")
 # the only layers where ROS client libraries and ROS message packages may be imported
 ROS_LAYERS = {"ros", "bench", "demo"}
 ROS_MODULES = ("rclpy", "sensor_msgs", "std_msgs", "vision_msgs", "builtin_interfaces",
@@ -112,7 +112,7 @@ def test_dependencies_point_down():
 
 def test_pipeline_bottom_imports_no_model():
     """Frame / results / registry sit under the models' stage modules: they must not import
-    models (the registry names factories that import lazily, through functions)."""
+    models ."""
     bad = [f"{m} -> {d}" for m in PIPELINE_BOTTOM if m in GRAPH
            for d in GRAPH[m][0] if not d.startswith(("geometry", "io", "engines", "pipeline"))]
     bad += [f"{m} -> {d}" for m in PIPELINE_BOTTOM if m in GRAPH

@@ -13,7 +13,7 @@ import pytest
 
 from perception2d_ros.models.yolo.class_names import (COCO_80, canonical_class_names,
                                                resolve_class_name)
-from perception2d_ros.models.yolo.detector import load_labels
+from perception2d_ros.models.yolo.formats import load_labels
 
 REPO = Path(__file__).resolve().parents[1]
 IMAGES = REPO / "test" / "data" / "coco" / "images"

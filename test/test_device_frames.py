@@ -12,7 +12,9 @@ import pytest
 
 from perception2d_ros.geometry.camera import CameraModel
 from perception2d_ros.engines.base import cuda_available
-from perception2d_ros.pipeline.build import Frame, build_pipeline, merge_config
+from perception2d_ros.pipeline.build import build_pipeline
+from perception2d_ros.pipeline.config import merge_config
+from perception2d_ros.pipeline.frame import Frame
 
 torch = pytest.importorskip("torch", reason="torch is an export/test extra (requirements/test.txt)")
 CUDA_OK, CUDA_WHY = cuda_available()

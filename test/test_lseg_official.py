@@ -321,7 +321,7 @@ def test_stage_config_scales_and_flip(export, monkeypatch):
     file) reach the segmenter; a bad value names the parameter."""
     from perception2d_ros.models.lseg import resolve as rs
     from perception2d_ros.models.lseg import stage as lseg_stage
-    from perception2d_ros.pipeline.build import merge_config, validate_config
+    from perception2d_ros.pipeline.config import merge_config, validate_config
 
     class _Text:  # the CLIP text tower is not what is tested here
         def encode(self, phrases, templates):

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from perception2d_ros.geometry.extrinsics import Extrinsics
-from perception2d_ros.pipeline.build import build_pipeline, merge_config, validate_config
+from perception2d_ros.pipeline.build import build_pipeline
+from perception2d_ros.pipeline.config import merge_config, validate_config
 
 
 def _extr(pipeline):

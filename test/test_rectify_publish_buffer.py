@@ -19,7 +19,8 @@ from std_msgs.msg import Header  # noqa: E402
 from perception2d_ros.geometry.camera import CameraModel  # noqa: E402
 from perception2d_ros.io.image_codec import (message_buffer_array,  # noqa: E402
                                                message_buffer_of)
-from perception2d_ros.pipeline.build import Frame, RectifyStage  # noqa: E402
+from perception2d_ros.pipeline.frame import Frame  # noqa: E402
+from perception2d_ros.pipeline.rectify import RectifyStage  # noqa: E402
 from perception2d_ros.ros import conversions as conv  # noqa: E402
 
 pytestmark = pytest.mark.ros

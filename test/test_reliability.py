@@ -36,7 +36,8 @@ from vision_msgs.msg import Detection2DArray  # noqa: E402
 from perception2d_ros.geometry.camera import CameraModel  # noqa: E402
 from perception2d_ros.pipeline.flow import ErrorReporter  # noqa: E402
 from perception2d_ros.io.image_codec import array_to_image_fields, image_to_array  # noqa: E402
-from perception2d_ros.pipeline.build import RectifyStage, Frame  # noqa: E402
+from perception2d_ros.pipeline.frame import Frame  # noqa: E402
+from perception2d_ros.pipeline.rectify import RectifyStage  # noqa: E402
 from perception2d_ros.ros import conversions as conv  # noqa: E402
 from perception2d_ros.ros.perception_node import PerceptionNode  # noqa: E402
 from ros_harness import BEST_EFFORT, RELIABLE, RosHarness, wait_for  # noqa: E402

@@ -601,7 +601,7 @@ def test_ros1_bag_with_a_corrupt_message_is_a_clear_error(tmp_path: Path) -> Non
 
 @pytest.mark.ros
 def test_image_transport_parameter_is_validated() -> None:
-    from perception2d_ros.ros.perception_node import check_parameter
+    from perception2d_ros.ros.node_params import check_parameter
 
     assert check_parameter("image_transport", "compressed") is None
     assert check_parameter("image_transport", "raw") is None

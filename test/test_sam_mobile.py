@@ -145,7 +145,9 @@ def test_sam_stage_runs_the_mobile_sam_export(mobile, monkeypatch) -> None:
     """detect → sam through the ROS-free pipeline (the nodes run the same stage objects) with
     ``sam.model: mobile_sam`` and its checkpoint: the export comes from the cache, one
     encoder run per frame, masks equal to the offline segmenter's on the detector's boxes."""
-    from perception2d_ros.pipeline.build import Frame, build_pipeline, merge_config
+    from perception2d_ros.pipeline.build import build_pipeline
+    from perception2d_ros.pipeline.config import merge_config
+    from perception2d_ros.pipeline.frame import Frame
 
     ckpt, files, _, out = mobile
     monkeypatch.setenv("PERCEPTION2D_CACHE_DIR", str(out.parent))
@@ -204,7 +206,7 @@ def test_sam_stage_on_device_frames_matches_host_stage(mobile, coco):
     import torch
 
     from perception2d_ros.models.detections import Detections
-    from perception2d_ros.pipeline.build import Frame
+    from perception2d_ros.pipeline.frame import Frame
     from perception2d_ros.models.sam.stage import SamStage
 
     _, files, _, _ = mobile

@@ -442,7 +442,8 @@ def test_node_refuses_a_model_path_outside_the_models_dir(tmp_path, models_dir):
     import shutil
 
     from perception2d_ros.engines.model_store import ModelFileError
-    from perception2d_ros.pipeline.build import build_pipeline, merge_config
+    from perception2d_ros.pipeline.build import build_pipeline
+    from perception2d_ros.pipeline.config import merge_config
 
     outside = tmp_path / "elsewhere.onnx"
     shutil.copy(models_dir / "yolox_nano.onnx", outside)

@@ -105,7 +105,7 @@ def test_minivan_ahead_is_about_30m_and_moves_smoothly():
     ("depth_topic", 3, "depth_topic: 3 must be a topic name string"),
 ])
 def test_config_errors_name_the_parameter(key, value, match):
-    from perception2d_ros.pipeline.build import merge_config, validate_config
+    from perception2d_ros.pipeline.config import merge_config, validate_config
 
     group, _, name = key.rpartition(".")
     cfg = merge_config({group: {name: value}} if group else {name: value})
@@ -535,7 +535,7 @@ def test_live_node_depth_topic_32fc1():
 @pytest.mark.ros
 def test_node_refuses_a_bad_extrinsics_source():
     pytest.importorskip("rclpy", reason="node tests need rclpy (installed by `make test`)")
-    from perception2d_ros.ros.perception_node import check_parameter
+    from perception2d_ros.ros.node_params import check_parameter
 
     assert check_parameter("extrinsics.source", "tf") is None
     assert check_parameter("extrinsics.source", "lidar") == \

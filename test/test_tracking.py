@@ -10,7 +10,8 @@ import pytest
 
 from perception2d_ros.models.clip.stage import TrackLabels
 from perception2d_ros.models.detections import Detections
-from perception2d_ros.pipeline.build import Frame, merge_config, validate_config
+from perception2d_ros.pipeline.config import merge_config, validate_config
+from perception2d_ros.pipeline.frame import Frame
 from perception2d_ros.models.tracking.stage import TrackStage
 from perception2d_ros.models.tracking.bytetrack import ByteTracker, TrackerConfig, iou_matrix
 

@@ -159,13 +159,11 @@ def test_every_command_accepts_the_same_backends(command):
 
 
 def test_auto_on_a_non_torch_gpu_detector_says_why_frames_stay_on_the_host():
-    from perception2d_ros.pipeline.build import DetectStage, _keep_frames_on_device
+    from perception2d_ros.pipeline.build import device_frames_for
 
     engine = types.SimpleNamespace(backend="tensorrt", device="cuda")  # what TensorRT reports
-    stage = DetectStage(types.SimpleNamespace(engine=engine))
     lines: list[str] = []
-    _keep_frames_on_device([stage], "auto", lines.append)
-    assert stage.device_detector is None
+    assert device_frames_for(types.SimpleNamespace(engine=engine), "auto", lines.append) is None
     assert any("device_frames" in ln and "tensorrt" in ln for ln in lines), lines
 
 
@@ -227,7 +225,7 @@ def test_the_confined_parameters_are_every_model_parameter():
 @pytest.mark.parametrize("stage,key", MODEL_PARAMETERS)
 def test_every_model_parameter_is_confined_to_models_dir(tmp_path, stage, key):
     from perception2d_ros.engines.model_params import confine_model_params
-    from perception2d_ros.pipeline.build import merge_config
+    from perception2d_ros.pipeline.config import merge_config
 
     outside = tmp_path / "elsewhere" / "weights.pt"
     outside.parent.mkdir()

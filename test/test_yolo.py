@@ -29,7 +29,8 @@ from perception2d_ros.engines.base import Engine, TensorSpec
 from perception2d_ros.engines.factory import EngineConfig
 from perception2d_ros.models.yolo.nms import box_iou, nms
 from perception2d_ros.models.yolo.preprocess import Letterbox
-from perception2d_ros.models.yolo.detector import FORMATS, FormatError, YoloDetector, grid_cells, infer_format
+from perception2d_ros.models.yolo.detector import YoloDetector
+from perception2d_ros.models.yolo.formats import FORMATS, FormatError, grid_cells, infer_format
 
 COCO_DIR = Path(__file__).resolve().parent / "data" / "coco"
 IMAGES = sorted((COCO_DIR / "images").glob("*.jpg"))

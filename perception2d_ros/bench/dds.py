@@ -59,7 +59,7 @@ def run_dds_lockstep(stage: str, *, frames: int, size: tuple[int, int], threads:
         if out_topic == "detections":
             from vision_msgs.msg import Detection2DArray
 
-            from perception2d_ros.ros.perception_node import RESULTS
+            from perception2d_ros.ros.qos import RESULTS
             drv.create_subscription(Detection2DArray, out_topic, on_out, RESULTS)
         else:
             drv.create_subscription(CameraInfo, out_topic, on_out, qos)
@@ -147,7 +147,8 @@ def run_dds_hop(*, size: tuple[int, int] = (1280, 720), frames: int = 20, warmup
     from rclpy.context import Context
     from sensor_msgs.msg import CameraInfo, Image
 
-    from perception2d_ros.ros.perception_node import IMAGES_OUT, RESULTS, make_executor
+    from perception2d_ros.ros.perception_node import make_executor
+    from perception2d_ros.ros.qos import IMAGES_OUT, RESULTS
 
     w, h = size
     img = Image(height=h, width=w, encoding="bgr8", step=w * 3)
@@ -237,7 +238,8 @@ def _hop_echo() -> None:
     from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
     from sensor_msgs.msg import CameraInfo, Image
 
-    from perception2d_ros.ros.perception_node import RESULTS, make_executor
+    from perception2d_ros.ros.perception_node import make_executor
+    from perception2d_ros.ros.qos import RESULTS
 
     rclpy.init(args=[])
     node = rclpy.create_node("bench_hop_echo", namespace="/bench")

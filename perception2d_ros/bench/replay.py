@@ -99,7 +99,8 @@ class _Graph:
         from sensor_msgs.msg import CameraInfo, Image
         from vision_msgs.msg import Detection2DArray
 
-        from perception2d_ros.ros.perception_node import RESULTS, PerceptionNode, make_executor
+        from perception2d_ros.ros.perception_node import PerceptionNode, make_executor
+        from perception2d_ros.ros.qos import RESULTS
 
         if mode not in ("pipeline", "nodes"):
             raise ValueError(f"--mode must be pipeline or nodes; got {mode!r}")

@@ -27,7 +27,7 @@ _USER_ERROR_CLASSES = (
     ("perception2d_ros.engines.model_store", "ModelFileError", 1),
     ("perception2d_ros.engines.base", "EngineError", 1),   # incl. BackendUnavailable
     ("perception2d_ros.models.sam.spec", "SamError", 1),             # incl. SamWeightsMissing
-    ("perception2d_ros.pipeline.build", "StageUnavailable", 1),
+    ("perception2d_ros.pipeline.frame", "StageUnavailable", 1),
     ("perception2d_ros.engines.fetch", "FetchError", 1),
     ("perception2d_ros.models.clip.checkpoint", "CheckpointError", 1),
     ("perception2d_ros.models.clip.resolve", "ClipModelUnavailable", 1),
@@ -145,7 +145,7 @@ def load_params(params_file: str | Path | None, node: str = "pipeline_node",
 
     from perception2d_ros.ros.bringup import default_params_file, pipeline_config
     from perception2d_ros.engines.model_params import check_engine_params, confine_model_params
-    from perception2d_ros.pipeline.build import validate_config
+    from perception2d_ros.pipeline.config import validate_config
 
     path = Path(params_file) if params_file else default_params_file()
     if not path.is_file():

@@ -144,7 +144,7 @@ def pipeline_config(params_file: str | Path | None = None, node: str = "pipeline
                     ) -> dict[str, Any]:
     """The pipeline config a node named ``node`` would get from the params file:
     ``/**`` parameters, then the node's own block; dotted names become nested keys."""
-    from perception2d_ros.pipeline.build import merge_config
+    from perception2d_ros.pipeline.config import merge_config
 
     with open(params_file or default_params_file(), encoding="utf-8") as f:
         data = yaml.safe_load(f) or {}

@@ -6,7 +6,7 @@ from typing import Any
 
 from std_msgs.msg import Header
 
-from perception2d_ros.pipeline.build import Frame
+from perception2d_ros.pipeline.frame import Frame
 from perception2d_ros.ros import conversions as conv
 
 # relative topic → message type name (for bag writers and subscribers)
@@ -150,7 +150,7 @@ class FrameRunner:
             # TF is looked up after the models ran: /tf has had that long to reach the stamp
             extrinsics = self._frame_extrinsics(frame)
             if self.use_tf and extrinsics is not None and frame.camera is not None:
-                from perception2d_ros.pipeline.build import ground_positions
+                from perception2d_ros.models.yolo.stage import ground_positions
 
                 frame.extrinsics = extrinsics
                 frame.ground = ground_positions(frame, extrinsics,

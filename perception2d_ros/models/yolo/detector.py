@@ -23,6 +23,7 @@ yolov10   [1, K, 6]                x1, y1, x2, y2, score, cls (NMS-free)        
 letterboxes pad with grey 114. The format comes from the manifest / the caller, or is
 inferred from the output signature (+ Ultralytics ONNX metadata, which carries ``names``,
 ``stride`` and ``imgsz``). Scores are ``obj × cls`` where the model has an objectness.
+Format names and inference, class names and the decode helpers: :mod:`.formats`.
 """
 from __future__ import annotations
 
@@ -34,108 +35,16 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from perception2d_ros.models.yolo.class_names import canonical_class_names, resolve_class_name
 from perception2d_ros.models.detections import Detections
+from perception2d_ros.models.yolo.class_names import canonical_class_names, resolve_class_name
+from perception2d_ros.models.yolo.formats import (ALIASES, FORMATS, PREPROCESS, STRIDES,
+                                                  STRIDES_P6, FormatError, cxcywh_to_xyxy,
+                                                  grid_cells, grid_table, infer_format,
+                                                  load_labels, normalize_format, parse_names)
 from perception2d_ros.models.yolo.nms import nms
 from perception2d_ros.models.yolo.preprocess import Letterbox, LetterboxMeta, clip_boxes
 
 LOG = logging.getLogger("perception2d.yolo")
-
-FORMATS = ("yolox", "yolov5", "yolov8", "yolov10")
-_ALIASES = {"yolov11": "yolov8", "yolo11": "yolov8", "yolov9": "yolov8", "ultralytics": "yolov8",
-            "yolov5u": "yolov8", "end2end": "yolov10", "yolo26": "yolov10"}
-STRIDES = (8, 16, 32)
-STRIDES_P6 = (8, 16, 32, 64)
-
-# preprocess profile per format: letterbox alignment, channel order, value scale
-_PREPROCESS = {
-    "yolox": dict(align="topleft", color="bgr", scale=1.0, pad_value=114),
-    "yolov5": dict(align="center", color="rgb", scale=1.0 / 255.0, pad_value=114),
-    "yolov8": dict(align="center", color="rgb", scale=1.0 / 255.0, pad_value=114),
-    "yolov10": dict(align="center", color="rgb", scale=1.0 / 255.0, pad_value=114),
-}
-
-
-class FormatError(ValueError):
-    """The model output does not match (or does not reveal) a supported YOLO format."""
-
-
-def normalize_format(fmt: str) -> str:
-    """Canonical format name (``yolov11`` → ``yolov8`` ...); ``ValueError`` if unknown."""
-    f = str(fmt).strip().lower()
-    f = _ALIASES.get(f, f)
-    if f not in FORMATS:
-        raise ValueError(f"format must be one of {', '.join(FORMATS)} (or an alias "
-                         f"{', '.join(sorted(_ALIASES))}); got '{fmt}'")
-    return f
-
-
-def grid_cells(input_hw: Sequence[int], strides: Sequence[int] = STRIDES) -> int:
-    """Number of anchor points of an anchor-free head over ``strides`` at ``input_hw``."""
-    h, w = int(input_hw[0]), int(input_hw[1])
-    return sum((h // s) * (w // s) for s in strides)
-
-
-def infer_format(output_shape: Sequence[Any], input_hw: Sequence[int],
-                 metadata: Mapping[str, str] | None = None) -> tuple[str, str]:
-    """Infer the YOLO format from the (single) output shape, input size and ONNX metadata.
-
-    Returns ``(format, reason)``; raises :class:`FormatError` when the output matches none.
-    """
-    shape = tuple(output_shape)
-    if len(shape) == 2:
-        shape = (1,) + shape
-    if len(shape) != 3 or not all(isinstance(d, (int, np.integer)) and d > 0 for d in shape[1:]):
-        raise FormatError(f"cannot infer the YOLO format from output shape {tuple(output_shape)}"
-                          "; pass format= one of " + ", ".join(FORMATS))
-    a, b = int(shape[1]), int(shape[2])
-    meta = dict(metadata or {})
-    ultra = "names" in meta or "stride" in meta
-    nc_meta = len(parse_names(meta)) if "names" in meta else None
-    end2end = str(meta.get("end2end", "")).lower() == "true"
-    cells = {grid_cells(input_hw, s) for s in (STRIDES, STRIDES_P6)}
-    if end2end and b == 6:
-        return "yolov10", "end-to-end model (metadata end2end=True), output [1, K, 6]"
-    if b in cells and a >= 5 and a < b:
-        return "yolov8", f"output [1, 4+nc, {b}] with {b} anchor points (channels first)"
-    if a in cells and b >= 6:
-        if ultra and nc_meta is not None and b == 4 + nc_meta:
-            return "yolov8", f"output [1, {a}, 4+nc] (transposed Ultralytics head)"
-        if not ultra or nc_meta is None or b == 5 + nc_meta:
-            return "yolox", f"output [1, {a}, 5+nc] with {a} grid cells (anchor-free, raw grid)"
-    if any(a == 3 * c for c in cells) and b >= 6:
-        return "yolov5", f"output [1, {a}=3×grid, 5+nc] (anchor-based, decoded)"
-    if b == 6:
-        return "yolov10", f"output [1, {a}, 6] (x1, y1, x2, y2, score, class)"
-    raise FormatError(
-        f"output shape {tuple(output_shape)} at input {tuple(input_hw)} matches no supported "
-        f"YOLO format (grid cells {sorted(cells)}); pass format= one of " + ", ".join(FORMATS))
-
-
-def parse_names(metadata: Mapping[str, str]) -> list[str]:
-    """Class names from Ultralytics ONNX metadata ``names`` ("{0: 'person', ...}")."""
-    raw = metadata.get("names")
-    if raw is None:
-        return []
-    try:
-        value = ast.literal_eval(raw) if isinstance(raw, str) else raw
-    except (ValueError, SyntaxError) as exc:
-        raise ValueError(f"model metadata 'names' is not a dict/list literal: {exc}") from exc
-    if isinstance(value, dict):
-        return [str(value[k]) for k in sorted(value, key=int)]
-    return [str(v) for v in value]
-
-
-def load_labels(path: str | Path) -> list[str]:
-    """One class name per line (blank lines ignored), in class-index order."""
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"labels file not found: {p}")
-    names = [line.strip() for line in p.read_text(encoding="utf-8").splitlines()]
-    names = [n for n in names if n]
-    if not names:
-        raise ValueError(f"labels file {p} has no class names")
-    return names
 
 
 class YoloDetector:
@@ -210,7 +119,7 @@ class YoloDetector:
         # the COCO-80 list is published with COCO's official names (motorcycle, not motorbike)
         self.class_names: list[str] = canonical_class_names(names)
         self.class_allow = self._allow_list(classes)
-        self.letterbox = Letterbox(self.input_hw, **_PREPROCESS[self.format])
+        self.letterbox = Letterbox(self.input_hw, **PREPROCESS[self.format])
         self._strides = self._yolox_strides(out_shape) if self.format == "yolox" else None
         self._grid: np.ndarray | None = None
         self.timings: dict[str, float] = {}
@@ -240,7 +149,7 @@ class YoloDetector:
 
         path, entry = model_store.resolve(name_or_path, models_dir, allow_outside=allow_outside)
         engine = create_engine(path, engine_config)
-        fmt = format or (entry.format if entry and entry.format in FORMATS + tuple(_ALIASES)
+        fmt = format or (entry.format if entry and entry.format in FORMATS + tuple(ALIASES)
                          else None)
         names: Sequence[str] | None
         if labels is None and entry is not None and entry.labels:
@@ -438,12 +347,7 @@ class YoloDetector:
     def _yolox_grid(self, rows: int) -> np.ndarray:
         """(rows, 3) float64: grid x, grid y, stride of every output row (built once)."""
         if self._grid is None or self._grid.shape[0] != rows:
-            h, w = self.input_hw
-            cells = []
-            for s in self._strides or STRIDES:
-                xv, yv = np.meshgrid(np.arange(w // s), np.arange(h // s))
-                cells.append(np.stack((xv, yv, np.full_like(xv, s)), 2).reshape(-1, 3))
-            grid = np.concatenate(cells).astype(np.float64)
+            grid = grid_table(self.input_hw, self._strides or STRIDES)
             if grid.shape[0] != rows:
                 raise FormatError(f"yolox output has {rows} rows; the grid at input "
                                   f"{self.input_hw} has {grid.shape[0]} cells")
@@ -466,7 +370,7 @@ class YoloDetector:
             wh = (np.exp(rows[:, 2:4]) * stride).astype(np.float32)
         else:
             xy, wh = rows[:, :2], rows[:, 2:4]
-        return _cxcywh_to_xyxy(xy, wh), scores, cls
+        return cxcywh_to_xyxy(xy, wh), scores, cls
 
     def _decode_v8(self, pred: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """YOLOv8/11 [4+nc, N] (or transposed [N, 4+nc]): cx, cy, w, h, cls scores."""
@@ -480,7 +384,7 @@ class YoloDetector:
         cand = np.flatnonzero(best > self.conf)
         pos, scores, cls = self._select(cls_all[:, cand].T)
         box = pred[:4, cand[pos]].T
-        return _cxcywh_to_xyxy(box[:, :2], box[:, 2:4]), scores, cls
+        return cxcywh_to_xyxy(box[:, :2], box[:, 2:4]), scores, cls
 
     def _decode_v10(self, pred: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """End-to-end [K, 6]: x1, y1, x2, y2, score, class."""
@@ -515,15 +419,6 @@ class YoloDetector:
     def describe(self) -> str:
         return (f"{self.format} {self.input_hw[1]}x{self.input_hw[0]} "
                 f"{len(self.class_names)} classes on {self.engine.describe()}")
-
-
-def _cxcywh_to_xyxy(xy: np.ndarray, wh: np.ndarray) -> np.ndarray:
-    """(M, 2) centres + (M, 2) sizes (float32) → (M, 4) float32 x1, y1, x2, y2."""
-    out = np.empty((xy.shape[0], 4), np.float32)
-    half = wh / np.float32(2.0)
-    out[:, :2] = xy - half
-    out[:, 2:] = xy + half
-    return out
 
 
 def _check_unit(name: str, value: float) -> float:
