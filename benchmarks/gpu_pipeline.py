@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""End to end on a GPU: the live pipeline code (``core.pipeline.build_pipeline``, the stages
+"""End to end on a GPU: the live pipeline code (``pipeline.build.build_pipeline``, the stages
 the nodes run) at 1280×720, paced at 30 Hz and flat out — one prepared script, one call.
 
     python3 benchmarks/gpu_pipeline.py --out $OUT/pipeline.json     # on the GPU machine

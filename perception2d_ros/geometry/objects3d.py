@@ -250,7 +250,7 @@ def _depth_object(i: int, box: np.ndarray, mask_px: np.ndarray | None, camera: A
 
 
 def frame_objects(frame: Any, extrinsics: Any, plane_height: float = 0.0) -> Objects3D | None:
-    """:func:`lift_objects` for a pipeline frame (``core.pipeline.Frame``): its detections in
+    """:func:`lift_objects` for a pipeline frame (``pipeline.frame.Frame``): its detections in
     the working image, its SAM masks when the sam stage ran, its aligned depth when it has
     one. None when the frame has no detections or no camera model."""
     det = frame.detections

@@ -34,7 +34,7 @@ class Frame:
     vocabulary_version: int | None = None
     # camera pose in the base frame for this frame (extrinsics.source: tf looks it up at the
     # stamp; None = the detect stage's configured extrinsics); aligned depth (HxW metres,
-    # NaN = none, registered to the raw image) or None; 3D objects (core.objects3d.Objects3D)
+    # NaN = none, registered to the raw image) or None; 3D objects (geometry.objects3d.Objects3D)
     extrinsics: Any = None
     depth: np.ndarray | None = None
     objects: Any = None

@@ -32,7 +32,7 @@ class CameraIO:
         self.frames_out = 0
         self.input_topic = prefix  # the resolved image topic, set when subscribed
         self.pending: dict[int, dict[str, Any]] = {}  # stamp → image/detections awaiting pair
-        self.depth: Any = None  # core.flow.StampMatcher pairing frames with depth_topic
+        self.depth: Any = None  # pipeline.flow.StampMatcher pairing frames with depth_topic
 
     def topic(self, rel: str) -> str:
         return f"{self.prefix}/{rel}" if self.prefix else rel

@@ -80,7 +80,7 @@ class FrameRunner:
 
     def __init__(self, pipeline: Any, cfg: dict[str, Any], debug_image: bool = False,
                  tf_buffer: Any = None, report: Any = None) -> None:
-        """``tf_buffer``: a core.tf_buffer.TransformBuffer fed with /tf_static and /tf (needed
+        """``tf_buffer``: a geometry.tf_buffer.TransformBuffer fed with /tf_static and /tf (needed
         for ``extrinsics.source: tf``); ``report(key, message)``: throttled warnings about
         inputs that degrade a frame without rejecting it (TF chain incomplete, bad depth)."""
         self.pipeline = pipeline
