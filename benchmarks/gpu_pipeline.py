@@ -378,8 +378,8 @@ class Run:
         import subprocess
 
         cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k",
-               "cuda", "test/test_onnx_torch.py", "test/test_engines.py",
-               "test/test_device_frames.py"]
+               "cuda", "test/engines/test_onnx_torch.py", "test/engines/test_engines.py",
+               "test/pipeline/test_device_frames.py"]
         p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240)
         return {"rc": p.returncode, "tail": (p.stdout + p.stderr)[-1500:]}
 

@@ -26,7 +26,7 @@ else
   export PERCEPTION2D_TEST_CACHE
   trap 'rm -rf "$PERCEPTION2D_TEST_CACHE"' EXIT
   run -m "not slow"; rc=$?
-  for f in $(grep -l "pytest.mark.slow" test/test_*.py); do
+  for f in $(grep -rl --include="test_*.py" "pytest.mark.slow" test | sort); do
     bash scripts/shm_clean.sh
     run "$f" -m slow; r=$?
     # 5: no slow test in the file was selected (all skipped by marker): not a failure

@@ -7,7 +7,7 @@
 Each case is a real command (``perception2d …``, ``make demo BAG=…``) run as a subprocess
 on inputs built here from the repo's test data (a 2-frame bag, then empty / garbage /
 truncated copies, params files with one mistake each, a truncated JPEG, a corrupt ONNX).
-``test/test_user_errors.py`` runs the same cases and asserts: exit code 1 or 2, exactly one
+``test/cli/test_user_errors.py`` runs the same cases and asserts: exit code 1 or 2, exactly one
 line on stderr naming the problem, no traceback. Run it from the repo root with the ROS
 environment (``bash scripts/run_with_ros_env.sh .venv/bin/python scripts/user_errors.py``).
 """

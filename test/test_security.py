@@ -4,7 +4,7 @@ are validated; model files are verified before use; nothing listens on a TCP por
 The static scan reads the package's own sources with ``ast`` (so text in strings and
 comments, like the advice "torch.load(path, weights_only=False)" in an error message, is not
 code). Download verification (sha256, size, resumed ``.part`` files) has its own tests in
-test/test_models_cli.py and test/test_model_store.py, referenced below so they cannot vanish
+test/cli/test_models_cli.py and test/engines/test_model_store.py, referenced below so they cannot vanish
 unnoticed. The guarantees are listed in docs/RELIABILITY.md.
 """
 from __future__ import annotations

@@ -78,7 +78,7 @@ def parity_check(arch: str, checkpoint: str | Path | None, exported: Mapping[str
     return report
 
 
-#: fp32 CPU parity bounds (see test/test_clip_parity.py for the measured values)
+#: fp32 CPU parity bounds (see test/models/test_clip_parity.py for the measured values)
 PARITY_TOLERANCES = {"cosine_min": 0.9999, "max_prob_diff": 1e-4,
                      "preprocess_max_abs_diff": 1e-6}
 

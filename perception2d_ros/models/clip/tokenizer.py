@@ -1,7 +1,7 @@
 """CLIP byte-level BPE tokenizer (OpenAI CLIP / open_clip ``SimpleTokenizer`` semantics).
 
 Our own implementation of the standard CLIP tokenizer; token ids are identical to
-``open_clip.tokenize`` (checked in ``test/test_clip_tokenizer.py`` on punctuation, unicode,
+``open_clip.tokenize`` (checked in ``test/models/test_clip_tokenizer.py`` on punctuation, unicode,
 emoji, accents, mixed case, the empty string and over-long text).
 
 * Vocabulary: ``bpe_simple_vocab_16e6.txt.gz`` (manifest name ``clip_bpe_vocab``, sha256

@@ -15,7 +15,7 @@ from perception2d_ros.pipeline.frame import Frame
 from perception2d_ros.models.tracking.stage import TrackStage
 from perception2d_ros.models.tracking.bytetrack import ByteTracker, TrackerConfig, iou_matrix
 
-CLIPS = Path(__file__).resolve().parent / "data" / "realcam" / "tracking"
+CLIPS = Path(__file__).resolve().parents[1] / "data" / "realcam" / "tracking"
 
 
 def box(x: float, y: float = 100.0, w: float = 50.0, h: float = 80.0) -> list[float]:

@@ -15,7 +15,7 @@ from perception2d_ros.models.yolo.class_names import (COCO_80, canonical_class_n
                                                resolve_class_name)
 from perception2d_ros.models.yolo.formats import load_labels
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 IMAGES = REPO / "test" / "data" / "coco" / "images"
 # 480985: motorcycles; 491497: tv, couch; 348881: airplanes (COCO val2017, tinycoco)
 NAMED = [IMAGES / f"000000{n}.jpg" for n in ("480985", "491497", "348881")]

@@ -15,7 +15,7 @@ pytest.importorskip("rclpy", reason="the bench drives real nodes (installed by `
 
 pytestmark = pytest.mark.ros
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def bench(*args: str, timeout: float = 240.0) -> dict:

@@ -27,11 +27,11 @@ from perception2d_ros.geometry.calibration import CALIBRATION_LAYOUTS
 from perception2d_ros.geometry.camera import CameraModel
 from perception2d_ros.io.image_codec import decode_compressed, encode_compressed
 
-REPO = Path(__file__).resolve().parents[1]
-APOLLO = Path(__file__).resolve().parent / "data" / "realcam" / "apollo_obstacle"
+REPO = Path(__file__).resolve().parents[2]
+APOLLO = Path(__file__).resolve().parents[1] / "data" / "realcam" / "apollo_obstacle"
 FRAMES = sorted((APOLLO / "images").glob("*.jpg"))
 ROS1_DUMP = APOLLO / "params" / "onsemi_obstacle_intrinsics.yaml"
-PARSERS_YAML = Path(__file__).resolve().parent / "data" / "camera_info" / "left_plumb_bob.yaml"
+PARSERS_YAML = Path(__file__).resolve().parents[1] / "data" / "camera_info" / "left_plumb_bob.yaml"
 CLI = [sys.executable, "-m", "perception2d_ros"]
 FRAME_ID = "onsemi_obstacle"
 # the numbers of the real calibration (PROVENANCE.md of the Apollo data)

@@ -14,7 +14,7 @@ import yaml
 
 from perception2d_ros.ros.bringup import enabled_stages, node_list, pipeline_config
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DEFAULT_YAML = REPO / "config" / "perception2d.yaml"
 
 

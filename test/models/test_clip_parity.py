@@ -40,7 +40,7 @@ from perception2d_ros.engines.model_store import sha256_file  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
-COCO = Path(__file__).parent / "data" / "coco"
+COCO = Path(__file__).resolve().parents[1] / "data" / "coco"
 IMAGES = sorted((COCO / "images").glob("*.jpg"))
 ANNOTATIONS = COCO / "annotations" / "instances_tinycoco.json"
 COS_MIN = 0.9999

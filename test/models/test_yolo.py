@@ -32,7 +32,7 @@ from perception2d_ros.models.yolo.preprocess import Letterbox
 from perception2d_ros.models.yolo.detector import YoloDetector
 from perception2d_ros.models.yolo.formats import FORMATS, FormatError, grid_cells, infer_format
 
-COCO_DIR = Path(__file__).resolve().parent / "data" / "coco"
+COCO_DIR = Path(__file__).resolve().parents[1] / "data" / "coco"
 IMAGES = sorted((COCO_DIR / "images").glob("*.jpg"))
 ANNOTATIONS = COCO_DIR / "annotations" / "instances_tinycoco.json"
 
@@ -527,7 +527,7 @@ def test_yolox_nano_map_on_tinycoco(yolox: YoloDetector) -> None:
 def test_category_mapping_uses_names_then_training_order() -> None:
     cats = json.loads(ANNOTATIONS.read_text())["categories"]
     labels = [line.strip() for line in
-              (Path(__file__).resolve().parents[1] / "models" / "coco_classes.txt")
+              (Path(__file__).resolve().parents[2] / "models" / "coco_classes.txt")
               .read_text().splitlines() if line.strip()]
     m = category_mapping(cats, labels)  # labels say 'motorbike', 'tvmonitor'...
     assert m[0] == 1 and m[3] == 4 and m[62] == 72 and m[79] == 90 and len(set(m.values())) == 80

@@ -11,7 +11,7 @@ import pytest
 
 from perception2d_ros.io.bag_types import make_typestore
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 UPSTREAM_VISION_MSGS_RIHS01 = {
     "vision_msgs/msg/Detection2DArray":
         "214274120007f4a683866481336b70310268cfa107aebe9d594a6acf75bda968",

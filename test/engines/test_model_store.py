@@ -11,7 +11,7 @@ import yaml
 
 from perception2d_ros.engines import model_store as ms
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 MANIFEST = REPO / "models" / "manifest.yaml"
 HEX64 = re.compile(r"^[0-9a-f]{64}$")
 LICENCES = {"Apache-2.0", "MIT", "AGPL-3.0", "CC-BY-2.0", "BSD-3-Clause"}

@@ -24,7 +24,7 @@ pytest.importorskip("rclpy", reason="needs rclpy (installed by `make test`)")
 
 pytestmark = pytest.mark.ros
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PROFILE = REPO / "config" / "fastdds_localhost_shm.xml"
 NS = "{http://www.eprosima.com}"
 # a 1920x1080 bgr8 sensor_msgs/Image as CDR: the pixels plus a header of well under 1 KiB

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 _spec = importlib.util.spec_from_file_location("user_errors", REPO / "scripts" / "user_errors.py")
 user_errors = importlib.util.module_from_spec(_spec)
 sys.modules["user_errors"] = user_errors  # dataclasses look their module up

@@ -48,7 +48,7 @@ W, H = 320, 240
 T0 = 1_700_000_000 * 10**9
 SEC = 10**9
 KINDS = ("rectify_node", "detector_node", "pipeline_node")
-DATA = Path(__file__).resolve().parent / "data"
+DATA = Path(__file__).resolve().parents[1] / "data"
 
 
 # --------------------------------------------------------------------------- inputs

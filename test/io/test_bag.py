@@ -25,7 +25,7 @@ from perception2d_ros.io.bag_types import find_interface_dirs, make_typestore, r
 from perception2d_ros.io.bag_writer import BagWriter
 from perception2d_ros.geometry.camera import CameraModel
 
-DATA = Path(__file__).resolve().parent / "data"
+DATA = Path(__file__).resolve().parents[1] / "data"
 CHESS = DATA / "chessboard"
 PLUMB_BOB = DATA / "camera_info" / "left_plumb_bob.yaml"
 HD_INFO = DATA / "camera_info" / "camerav1_1280x720.yaml"
@@ -35,7 +35,7 @@ START_NS = 1_700_000_000_250_000_000
 RATE = 10.0
 PERIOD_NS = 100_000_000
 IMAGE, INFO = "/camera/image_raw", "/camera/camera_info"
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CLI = [sys.executable, "-m", "perception2d_ros"]
 
 

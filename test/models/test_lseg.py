@@ -30,7 +30,7 @@ from perception2d_ros.models.lseg import palette as PAL  # noqa: E402
 from perception2d_ros.models.lseg import resample as RS  # noqa: E402
 from perception2d_ros.models.lseg import vocabulary as VO  # noqa: E402
 
-SEG = Path(__file__).resolve().parent / "data" / "segmentation"
+SEG = Path(__file__).resolve().parents[1] / "data" / "segmentation"
 SMALL = "lseg_test_small"
 SMALL_SIZE = 256
 SEED = 3

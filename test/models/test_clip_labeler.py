@@ -19,7 +19,7 @@ from perception2d_ros.models.clip.vocabulary import (
     DEFAULT_TEMPLATES, TextEmbeddingCache, Vocabulary, normalize_templates)
 from perception2d_ros.engines.factory import EngineConfig
 
-COCO_IMAGES = sorted((Path(__file__).parent / "data" / "coco" / "images").glob("*.jpg"))
+COCO_IMAGES = sorted((Path(__file__).resolve().parents[1] / "data" / "coco" / "images").glob("*.jpg"))
 CPU = EngineConfig(backend="onnxruntime", device="cpu")
 PHRASES = ["person", "bicycle", "car", "bus", "dog", "cat", "pizza", "umbrella", "train",
            "giraffe"]
@@ -251,7 +251,7 @@ def test_cli_without_model_says_how_to_get_one(tmp_path, capsys, monkeypatch):
     models = tmp_path / "models"
     models.mkdir()
     (models / "manifest.yaml").write_text(
-        (Path(__file__).parents[1] / "models" / "manifest.yaml").read_text())
+        (Path(__file__).parents[2] / "models" / "manifest.yaml").read_text())
     monkeypatch.setenv("PERCEPTION2D_CACHE_DIR", str(tmp_path / "cache"))
     rc = main(["label", "--models-dir", str(models), "--vocab", "a cat", str(COCO_IMAGES[0])])
     err = capsys.readouterr().err

@@ -15,7 +15,7 @@ import yaml
 
 from perception2d_ros.ros.bringup import node_list
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CLIP = REPO / "test" / "data" / "realcam" / "tracking" / "udacity_highway_640"
 DEFAULT_YAML = REPO / "config" / "perception2d.yaml"
 T0 = 1_700_000_000_000_000_000

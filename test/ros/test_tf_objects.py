@@ -30,7 +30,7 @@ from perception2d_ros.geometry.camera import CameraModel
 from perception2d_ros.geometry.extrinsics import BODY_TO_OPTICAL, Extrinsics
 from perception2d_ros.geometry.objects3d import lift_objects
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 APOLLO = REPO / "test" / "data" / "realcam" / "apollo_obstacle"
 LIDAR_HEIGHT = 1.9  # ASSUMED height of the roof HDL-64 above the road (not in the data)
 CAM_FRAME = "onsemi_obstacle"
@@ -384,7 +384,7 @@ def test_live_node_extrinsics_from_tf_static_equal_parameters():
     from perception2d_ros.io.bag_types import make_typestore
     from perception2d_ros.ros.perception_node import PerceptionNode
 
-    sys.path.insert(0, str(Path(__file__).parent))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from ros_harness import LATCHED, RELIABLE, RosHarness, wait_for
 
     store = make_typestore()
@@ -476,7 +476,7 @@ def test_live_node_depth_topic_32fc1():
     from perception2d_ros.io.bag_types import make_typestore
     from perception2d_ros.ros.perception_node import PerceptionNode
 
-    sys.path.insert(0, str(Path(__file__).parent))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from ros_harness import RELIABLE, RosHarness, wait_for
 
     store = make_typestore()
@@ -555,7 +555,7 @@ def test_bag_play_with_tf_into_a_live_node(bags):
 
     from perception2d_ros.ros.perception_node import PerceptionNode
 
-    sys.path.insert(0, str(Path(__file__).parent))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from ros_harness import RELIABLE, RosHarness, wait_for
 
     h = RosHarness()

@@ -16,7 +16,7 @@ from perception2d_ros.geometry.camera import CameraModel
 from perception2d_ros.demo.sequence import (compose, gt_recall, load_sequence,
                                                  map_boxes_raw_to_rect, read_ground_truth)
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SEQ = REPO / "data" / "demo" / "apollo_obstacle"
 
 

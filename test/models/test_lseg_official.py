@@ -35,7 +35,7 @@ from perception2d_ros.models.lseg import net as M  # noqa: E402
 from perception2d_ros.models.lseg import resample as RS  # noqa: E402
 from perception2d_ros.engines.factory import EngineConfig  # noqa: E402
 
-DATA = Path(__file__).resolve().parent / "data"
+DATA = Path(__file__).resolve().parents[1] / "data"
 SMALL, SIZE, SEED = "lseg_test_small", 256, 3
 # real photos of odd, even and non-square sizes (ADE20K 2021, PASCAL VOC, COCO 2017)
 PHOTOS = ["segmentation/ADE_train_00016869.jpg", "segmentation/ADE_train_00016964.jpg",

@@ -24,7 +24,7 @@ from perception2d_ros.pipeline.rectify import RectifyStage  # noqa: E402
 from perception2d_ros.ros import conversions as conv  # noqa: E402
 
 pytestmark = pytest.mark.ros
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).resolve().parents[1] / "data"
 
 
 @pytest.fixture(scope="module")

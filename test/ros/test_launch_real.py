@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DEFAULT_YAML = REPO / "config" / "perception2d.yaml"
 NS = "/front"  # not the default namespace: namespace:= must take effect
 FRAMES = 6

@@ -35,7 +35,7 @@ from perception2d_ros.engines.model_store import sha256_file  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
-COCO_DIR = Path(__file__).resolve().parent / "data" / "coco"
+COCO_DIR = Path(__file__).resolve().parents[1] / "data" / "coco"
 ANNOTATIONS = COCO_DIR / "annotations" / "instances_tinycoco.json"
 PARITY_IMAGES = ["000000017627.jpg", "000000491497.jpg"]   # 480x640 / 500x375, 16 / 12 GT
 

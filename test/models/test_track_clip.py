@@ -25,7 +25,7 @@ from ros_harness import BEST_EFFORT, RELIABLE, RosHarness, wait_for  # noqa: E40
 from test_clip_labeler import clip_bundle  # noqa: E402  (shared session export)
 
 pytestmark = pytest.mark.ros
-CLIP = Path(__file__).resolve().parent / "data" / "realcam" / "tracking" / "udacity_highway_640"
+CLIP = Path(__file__).resolve().parents[1] / "data" / "realcam" / "tracking" / "udacity_highway_640"
 VOCAB = ["a car", "a truck", "a tree", "a road sign"]
 N_FRAMES = 5
 

@@ -16,7 +16,7 @@ from perception2d_ros.models.sam import results as sam_results
 from perception2d_ros.models.sam import spec as sam_spec
 from perception2d_ros.models.sam import transforms as sam_transforms
 
-COCO = Path(__file__).resolve().parent / "data" / "coco"
+COCO = Path(__file__).resolve().parents[1] / "data" / "coco"
 IMAGES = sorted((COCO / "images").glob("*.jpg"))
 
 

@@ -24,7 +24,7 @@ import yaml
 
 from perception2d_ros.engines import fetch, model_store as ms
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 MODELS = REPO / "models"
 CONTRACT_KEYS = {"name", "kind", "present", "sha256_ok", "licence", "path"}
 
