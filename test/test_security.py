@@ -271,8 +271,8 @@ def test_download_verification_has_its_own_tests():
     """fetch: sha256 and size checked before a download is moved into place, corrupt
     resumed parts rejected, partial files never used (tests in test_models_cli.py /
     test_model_store.py)."""
-    cli = (REPO / "test" / "test_models_cli.py").read_text()
-    store = (REPO / "test" / "test_model_store.py").read_text()
+    cli = (REPO / "test" / "cli" / "test_models_cli.py").read_text()
+    store = (REPO / "test" / "engines" / "test_model_store.py").read_text()
     for name in ("test_sha_mismatch_is_rejected_and_nothing_is_left_in_place",
                  "test_a_corrupt_resumed_part_is_rejected",
                  "test_partial_download_is_kept_and_never_used",
