@@ -585,8 +585,8 @@ def test_export_lseg_small_random_weights_with_the_real_module(tmp_path, capsys)
     """The CLI path end to end with a real stage module: lseg_net's reduced test
     architecture (random weights), ONNX Runtime smoke run, parity on the shipped image."""
     pytest.importorskip("torch")
-    if not _has("perception2d_ros.models.lseg.export"):
-        pytest.skip("perception2d_ros.models.lseg.export not in this build")
+    if not _has("perception2d_ros.models.lseg.parity"):
+        pytest.skip("perception2d_ros.models.lseg.parity not in this build")
     from perception2d_ros.models.lseg import net as lseg_net
 
     if "lseg_test_small" not in getattr(lseg_net, "ARCHS", {}):
@@ -595,7 +595,7 @@ def test_export_lseg_small_random_weights_with_the_real_module(tmp_path, capsys)
     d.mkdir()
     raw = yaml.safe_load((MODELS / ms.MANIFEST).read_text())
     spec = dict(raw["models"]["lseg_demo_e200"])
-    spec["export"] = {"module": "perception2d_ros.models.lseg.export", "arch": "lseg_test_small"}
+    spec["export"] = {"module": "perception2d_ros.models.lseg.parity", "arch": "lseg_test_small"}
     raw["models"]["lseg_small"] = spec
     (d / ms.MANIFEST).write_text(yaml.safe_dump(raw))
     rc, out, err = run_cli(capsys, "export", "lseg_small", "--random-weights", "--seed", "0",

@@ -22,6 +22,7 @@ pytest.importorskip("onnxruntime")
 from perception2d_ros.eval import segmentation as SE  # noqa: E402
 from perception2d_ros.models.lseg import checkpoint as CK  # noqa: E402
 from perception2d_ros.models.lseg import export as EX  # noqa: E402
+from perception2d_ros.models.lseg import parity as PA  # noqa: E402
 from perception2d_ros.models.lseg import labeler as L  # noqa: E402
 from perception2d_ros.models.lseg import labelmap as LM  # noqa: E402
 from perception2d_ros.models.lseg import meta as MT  # noqa: E402
@@ -234,7 +235,7 @@ def test_onnx_torch_parity_on_real_images(small_export):
     Tolerances: pixel-embedding max abs diff <= 1e-4 (unit vectors), per-pixel cosine >=
     0.9999, stride-2 label-map agreement >= 99.9% for 8 image-derived prototype phrases."""
     images = [_image("ADE_train_00016869.jpg"), _image("23_image.png"), _image("114_image.png")]
-    rep = EX.parity_check(SMALL, None, small_export, images, seed=SEED,
+    rep = PA.parity_check(SMALL, None, small_export, images, seed=SEED,
                          tolerances={"max_abs": 1e-4, "min_cos": 0.9999,
                                      "label_agreement": 0.999})
     print("parity", json.dumps({k: rep[k] for k in ("max_abs", "min_cos",
@@ -255,7 +256,7 @@ def test_runtime_label_map_matches_torch_official_forward(small_net, small_segme
     assert box.resized == (SMALL_SIZE, SMALL_SIZE)
     with torch.no_grad():
         emb = small_net.pixel_embeddings(torch.from_numpy(tensor))
-        text = torch.from_numpy(EX.prototype_embeddings(emb[0].numpy(), 6))
+        text = torch.from_numpy(PA.prototype_embeddings(emb[0].numpy(), 6))
         ref = small_net(torch.from_numpy(tensor), text)[0].argmax(0).numpy()
     res = small_segmenter.segment(img, text.numpy())
     assert res.label_map.shape == img.shape[:2] and res.label_map.dtype == np.uint16
@@ -465,7 +466,7 @@ def test_vocabulary_change_needs_no_reexport(small_segmenter):
     phrase equal to a region's embedding takes exactly that region's pixels."""
     img = _image("ADE_train_00016900.jpg")
     emb, box = small_segmenter.embed(img)
-    protos = EX.prototype_embeddings(emb, 5)
+    protos = PA.prototype_embeddings(emb, 5)
     base = LM.label_map_from_embeddings(emb, protos, small_segmenter.meta, box).label_map
     assert base.shape == img.shape[:2] and len(np.unique(base)) >= 4
     perm = np.array([3, 0, 4, 1, 2])

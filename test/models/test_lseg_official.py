@@ -29,6 +29,7 @@ pytest.importorskip("onnxruntime")
 import torch.nn.functional as F  # noqa: E402
 
 from perception2d_ros.models.lseg import export as EX  # noqa: E402
+from perception2d_ros.models.lseg import parity as PA  # noqa: E402
 from perception2d_ros.models.lseg import labeler as L  # noqa: E402
 from perception2d_ros.models.lseg import meta as MT  # noqa: E402
 from perception2d_ros.models.lseg import net as M  # noqa: E402
@@ -126,7 +127,7 @@ def torch_seg(export):
 
 def _phrases(seg, img, n=8):
     emb, _ = seg.embed(img)
-    return EX.prototype_embeddings(emb, n)
+    return PA.prototype_embeddings(emb, n)
 
 
 # =========================================================================== primitives
