@@ -175,6 +175,12 @@ def test_fastdds_profile_fits_images():
         os.environ.update(env)
 
 
+# A transport measurement: in a pytest process of its own (marker slow: scripts/run_tests.sh
+# runs each slow file alone, after cleaning /dev/shm), as a user runs `bench --dds`. Here
+# one best-effort frame in 20 was lost in 3 of ~25 runs, each time while other DDS
+# processes were busy on the machine (the fast group's earlier tests in the same process, or
+# a second test run); none in the runs without them (22 runs, 6 with both cores busy).
+@pytest.mark.slow
 def test_bench_dds_720p_hop_latency():
     """``bench rectify --dds``: the 720p lockstep through the real node (one process) and one
     image hop between two processes, both with the nodes' executor and QoS. Bound: p50 < 50 ms
