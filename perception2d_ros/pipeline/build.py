@@ -18,7 +18,7 @@ from typing import Any, Callable, Sequence
 
 from perception2d_ros.pipeline.config import STAGE_ORDER, validate_config
 from perception2d_ros.pipeline.frame import Frame, Stage
-from perception2d_ros.pipeline.registry import STAGES, BuildContext, load_detector
+from perception2d_ros.pipeline.registry import STAGES, BuildContext
 
 LOG = logging.getLogger("perception2d.pipeline")
 
@@ -60,6 +60,8 @@ def build_pipeline(cfg: dict[str, Any], log: Callable[[str], None] = LOG.info) -
     confine_model_params(cfg)  # every model parameter: inside models_dir unless allowed
     ctx = BuildContext(log=log)
     if "detect" in cfg["stages"]:
+        from perception2d_ros.models.yolo.stage import load_detector
+
         ctx.detector = load_detector(cfg, log)
     ctx.device_frames = device_frames_for(ctx.detector,
                                           str(cfg["detect"].get("device_frames", "auto")), log)

@@ -55,59 +55,34 @@ def _build_detect(cfg: dict[str, Any], ctx: BuildContext) -> Any:
                        log=ctx.log)
 
 
-def load_detector(cfg: dict[str, Any], log: Callable[[str], None]) -> Any:
-    """The detect stage's model, loaded before any stage is made (see :class:`BuildContext`)."""
-    from perception2d_ros.models.yolo.stage import load_detector as load
+# The families whose stage module offers ``DEFAULTS`` and ``build_stage(cfg)``: one loader
+# each (the import stays inside it), one entry made from it.
+def _track() -> Any:
+    from perception2d_ros.models.tracking import stage
 
-    return load(cfg, log)
-
-
-def _track_defaults() -> dict[str, Any]:
-    from perception2d_ros.models.tracking.stage import DEFAULTS
-
-    return dict(DEFAULTS)
+    return stage
 
 
-def _build_track(cfg: dict[str, Any], ctx: BuildContext) -> Any:
-    from perception2d_ros.models.tracking.stage import build_stage
+def _sam() -> Any:
+    from perception2d_ros.models.sam import stage
 
-    return build_stage(cfg)
-
-
-def _sam_defaults() -> dict[str, Any]:
-    from perception2d_ros.models.sam.stage import DEFAULTS
-
-    return dict(DEFAULTS)
+    return stage
 
 
-def _build_sam(cfg: dict[str, Any], ctx: BuildContext) -> Any:
-    from perception2d_ros.models.sam.stage import build_stage
+def _clip() -> Any:
+    from perception2d_ros.models.clip import stage
 
-    return build_stage(cfg)
-
-
-def _clip_defaults() -> dict[str, Any]:
-    from perception2d_ros.models.clip.stage import DEFAULTS
-
-    return dict(DEFAULTS)
+    return stage
 
 
-def _build_clip(cfg: dict[str, Any], ctx: BuildContext) -> Any:
-    from perception2d_ros.models.clip.stage import build_stage
+def _lseg() -> Any:
+    from perception2d_ros.models.lseg import stage
 
-    return build_stage(cfg)
-
-
-def _lseg_defaults() -> dict[str, Any]:
-    from perception2d_ros.models.lseg.stage import DEFAULTS
-
-    return dict(DEFAULTS)
+    return stage
 
 
-def _build_lseg(cfg: dict[str, Any], ctx: BuildContext) -> Any:
-    from perception2d_ros.models.lseg.stage import build_stage
-
-    return build_stage(cfg)
+def _family(load: Callable[[], Any]) -> StageEntry:
+    return StageEntry(lambda: dict(load().DEFAULTS), lambda cfg, ctx: load().build_stage(cfg))
 
 
 #: stage name → entry, in the order the stages run (rectify → detect → track → SAM → CLIP
@@ -115,8 +90,8 @@ def _build_lseg(cfg: dict[str, Any], ctx: BuildContext) -> Any:
 STAGES: dict[str, StageEntry] = {
     "rectify": StageEntry(_no_defaults, _build_rectify),
     "detect": StageEntry(_detect_defaults, _build_detect),
-    "track": StageEntry(_track_defaults, _build_track),
-    "sam": StageEntry(_sam_defaults, _build_sam),
-    "clip": StageEntry(_clip_defaults, _build_clip),
-    "lseg": StageEntry(_lseg_defaults, _build_lseg),
+    "track": _family(_track),
+    "sam": _family(_sam),
+    "clip": _family(_clip),
+    "lseg": _family(_lseg),
 }
